@@ -1,0 +1,236 @@
+"""Text sources, deterministic splits, calibration windows and training blocks.
+
+A *source* is one of:
+  - a built-in offline corpus: `wiki` (100-article English Wikipedia excerpt
+    shipped in gensim's test data, cleaned of markup), `news` (gensim's
+    `lee_background.cor`, 300 Australian news articles), `pydoc` (the
+    Python stdlib's help topics);
+  - a local `.txt` file (documents separated by blank lines) or `.jsonl` file
+    (one document per line, field `text`, or `prompt`/`response` for
+    instruction data);
+  - `hf:NAME[:CONFIG]` — a Hugging Face dataset with a `text` column, for users
+    who have the hub.
+
+Splits are by document, deterministic (no seed): every 10th document is
+held out, so the held-out text never leaks into training or calibration.
+"""
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.util
+import json
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import SeftError, choices_hint
+
+SPLITS = ("train", "heldout", "all")
+HELDOUT_EVERY = 10
+
+
+def _gensim_test_data() -> Path:
+    spec = importlib.util.find_spec("gensim")  # locate without importing gensim
+    if spec is None or not spec.submodule_search_locations:
+        raise SeftError("built-in corpora need the gensim package (pip install gensim==4.4.0)")
+    return Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+
+
+# --- Wikipedia markup cleaning -------------------------------------------------
+
+_NESTED = [(re.compile(r"\{\{[^{}]*\}\}"), ""), (re.compile(r"\{\|[^{}]*?\|\}", re.S), "")]
+_SUBS = [
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"<ref[^>]*/>", re.S), ""),
+    (re.compile(r"<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", re.I), ""),
+    (re.compile(r"\[\[[^\]|]*\|([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"\[\[([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"\[https?://[^\s\]]+ ([^\]]*)\]"), r"\1"),
+    (re.compile(r"\[https?://[^\]]*\]"), ""),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
+    (re.compile(r"^[*#:;]+\s*", re.M), ""),
+    (re.compile(r"&nbsp;|&ndash;|&mdash;"), " "),
+    (re.compile(r"[ \t]+"), " "),
+    (re.compile(r"\n\s*\n+"), "\n\n"),
+]
+
+
+def clean_wiki_markup(text: str) -> str:
+    """Strip templates, tables, refs, links and formatting; keep the prose."""
+    for _ in range(8):  # templates nest; peel them from the inside out
+        before = text
+        for pattern, repl in _NESTED:
+            text = pattern.sub(repl, text)
+        if text == before:
+            break
+    for pattern, repl in _SUBS:
+        text = pattern.sub(repl, text)
+    lines = [ln.strip() for ln in text.split("\n")]
+    lines = [ln for ln in lines if not ln.startswith(("{", "|", "!", "}"))]
+    return "\n".join(lines).strip()
+
+
+def _wiki_documents() -> list[str]:
+    path = next(_gensim_test_data().glob("enwiki-latest-pages-articles1.xml-*-shortened.bz2"), None)
+    if path is None:
+        raise SeftError("gensim's Wikipedia excerpt was not found; reinstall gensim==4.4.0")
+    docs: list[str] = []
+    with bz2.open(path) as fh:
+        for _, elem in ET.iterparse(fh):
+            if elem.tag.endswith("}page"):
+                ns = next((c.text for c in elem if c.tag.endswith("}ns")), "0")
+                rev = next((c for c in elem if c.tag.endswith("}revision")), None)
+                body = "" if rev is None else next((c.text or "" for c in rev if c.tag.endswith("}text")), "")
+                if ns == "0" and body and not body.lstrip().lower().startswith("#redirect"):
+                    cleaned = clean_wiki_markup(body)
+                    if len(cleaned) > 200:
+                        docs.append(cleaned)
+                elem.clear()
+    return docs
+
+
+def _news_documents() -> list[str]:
+    path = _gensim_test_data() / "lee_background.cor"
+    if not path.exists():
+        raise SeftError(f"{path} not found; reinstall gensim==4.4.0")
+    return [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+
+
+def _pydoc_documents() -> list[str]:
+    from pydoc_data import topics
+
+    return [topics.topics[k].strip() for k in sorted(topics.topics) if topics.topics[k].strip()]
+
+
+BUILTINS: dict[str, Callable[[], list[str]]] = {
+    "wiki": _wiki_documents,
+    "news": _news_documents,
+    "pydoc": _pydoc_documents,
+}
+
+
+# --- loading ---------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SeftError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _local_documents(path: Path) -> list[str]:
+    if path.suffix == ".txt":
+        return [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip()]
+    if path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+        if rows and all("text" in r for r in rows):
+            return [str(r["text"]) for r in rows]
+        if rows and all("prompt" in r and "response" in r for r in rows):
+            return [f"{r['prompt']}\n{r['response']}" for r in rows]
+        keys = sorted(set().union(*(r.keys() for r in rows))) if rows else []
+        raise SeftError(f"{path}: each line needs a 'text' field (or 'prompt' and 'response'); found keys {keys}")
+    raise SeftError(f"{path}: unsupported file type {path.suffix!r}; valid: .txt, .jsonl")
+
+
+def _hf_documents(spec: str) -> list[str]:
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split="train")
+    except Exception as exc:  # the hub's errors are many; the message is what matters
+        raise SeftError(f"could not load dataset {name!r} from the hub: {str(exc).splitlines()[0][:200]}") from None
+    if "text" not in ds.column_names:
+        raise SeftError(f"dataset {name!r} has no 'text' column; columns: {ds.column_names}")
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+@functools.lru_cache(maxsize=16)
+def _documents_cached(source: str) -> tuple[str, ...]:
+    if source in BUILTINS:
+        return tuple(BUILTINS[source]())
+    if source.startswith("hf:"):
+        return tuple(_hf_documents(source[3:]))
+    path = Path(source).expanduser()
+    if path.exists():
+        return tuple(_local_documents(path))
+    import difflib
+
+    close = difflib.get_close_matches(source, BUILTINS, n=2, cutoff=0.5)
+    raise SeftError(
+        f"unknown text source {source!r}: not a built-in, not an existing file; valid: "
+        f"{', '.join(BUILTINS)}, a .txt/.jsonl path, or hf:DATASET[:CONFIG]"
+        + (f" (did you mean {' or '.join(close)}?)" if close else "")
+    )
+
+
+def load_documents(source: str, split: str = "train") -> list[str]:
+    """The documents of `source` in `split` ('train', 'heldout' or 'all')."""
+    if split not in SPLITS:
+        raise SeftError(f"unknown split {split!r}; {choices_hint(split, SPLITS)}")
+    docs = list(dict.fromkeys(_documents_cached(str(source))))  # exact duplicates would leak across splits
+    if not docs:
+        raise SeftError(f"text source {source!r} holds no documents")
+    if split == "all":
+        return docs
+    if len(docs) < 2:
+        raise SeftError(f"text source {source!r} has a single document; a held-out split needs at least 2")
+    held = [i for i in range(len(docs)) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1] or [len(docs) - 1]
+    if split == "heldout":
+        return [docs[i] for i in held]
+    held_set = set(held)
+    return [d for i, d in enumerate(docs) if i not in held_set]
+
+
+def load_text(source: str, split: str = "train") -> str:
+    """The split's documents joined by blank lines — one stream of text."""
+    return "\n\n".join(load_documents(source, split))
+
+
+def token_stream(tokenizer, source: str, split: str = "train") -> torch.Tensor:
+    """1-D LongTensor of the split's tokens (documents separated by EOS when known)."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in load_documents(source, split):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_seq_len(seq_len: int, available: int, what: str) -> None:
+    if seq_len < 2:
+        raise SeftError(f"seq_len must be at least 2, got {seq_len}")
+    if available < seq_len:
+        raise SeftError(f"{what} has only {available} tokens, fewer than seq_len={seq_len}")
+
+
+def calibration_windows(tokenizer, source: str, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """`num_samples` random windows of exactly `seq_len` tokens from the train split, seeded."""
+    if num_samples < 1:
+        raise SeftError(f"num_samples must be at least 1, got {num_samples}")
+    stream = token_stream(tokenizer, source, "train")
+    _check_seq_len(seq_len, len(stream), f"source {source!r}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (num_samples,), generator=gen)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def packed_blocks(tokenizer, source: str, seq_len: int, split: str = "train") -> torch.Tensor:
+    """Non-overlapping `seq_len` blocks of the split ([n_blocks, seq_len]); the tail is dropped."""
+    stream = token_stream(tokenizer, source, split)
+    _check_seq_len(seq_len, len(stream), f"source {source!r} ({split})")
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len)

