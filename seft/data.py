@@ -234,3 +234,113 @@ def packed_blocks(tokenizer, source: str, seq_len: int, split: str = "train") ->
     _check_seq_len(seq_len, len(stream), f"source {source!r} ({split})")
     n = len(stream) // seq_len
     return stream[: n * seq_len].reshape(n, seq_len)
+
+
+# --- training datasets -------------------------------------------------------------
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed causal-LM blocks: every token is a target (labels = input_ids)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[i]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def is_instruction_source(source: str) -> bool:
+    """A .jsonl whose rows carry `prompt` and `response` (checked on the first row)."""
+    path = Path(source).expanduser()
+    if path.suffix != ".jsonl" or not path.exists():
+        return False
+    with path.open(encoding="utf-8") as fh:
+        first = next((ln for ln in fh if ln.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "prompt" in row and "response" in row
+
+
+def encode_instruction(tokenizer, prompt: str, response: str, seq_len: int) -> dict[str, list[int]]:
+    """Token ids and labels for one prompt/response pair; the loss sees the response only.
+
+    Uses the tokenizer's chat template when it has one (so the model is trained in
+    the format it is prompted in), else `prompt + "\\n" + response + EOS`.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        if isinstance(prompt_ids, dict):  # some tokenizer versions return a BatchEncoding
+            prompt_ids = prompt_ids["input_ids"]
+        full_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            tokenize=True, return_dict=False,
+        )
+        if isinstance(full_ids, dict):
+            full_ids = full_ids["input_ids"]
+        prompt_ids, full_ids = list(prompt_ids), list(full_ids)
+        if full_ids[: len(prompt_ids)] != prompt_ids:  # template renders the turn differently; fall back
+            full_ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                full_ids.append(tokenizer.eos_token_id)
+    else:
+        prompt_ids = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+        full_ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            full_ids.append(tokenizer.eos_token_id)
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return {"input_ids": full_ids[:seq_len], "labels": labels[:seq_len]}
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Prompt/response pairs from a JSONL file; examples with no response token left are dropped."""
+
+    def __init__(self, tokenizer, source: str, seq_len: int, split: str = "train"):
+        rows = _read_jsonl(Path(source).expanduser())
+        bad = [i for i, r in enumerate(rows, 1) if "prompt" not in r or "response" not in r]
+        if bad:
+            raise SeftError(f"{source}: line {bad[0]} lacks 'prompt' or 'response'")
+        if split != "all":
+            held = {i for i in range(len(rows)) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1}
+            rows = [r for i, r in enumerate(rows) if (i in held) == (split == "heldout")]
+        encoded = [encode_instruction(tokenizer, str(r["prompt"]), str(r["response"]), seq_len) for r in rows]
+        self.examples = [e for e in encoded if any(t != -100 for t in e["labels"])]
+        if not self.examples:
+            raise SeftError(f"{source}: no example keeps a response token within seq_len={seq_len}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a batch; padding is masked out of attention and of the loss."""
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, :n] = torch.as_tensor(b["input_ids"])
+            labels[row, :n] = torch.as_tensor(b["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
+def training_dataset(tokenizer, source: str, seq_len: int, split: str = "train") -> torch.utils.data.Dataset:
+    """Instruction JSONL -> InstructionDataset; any other text source -> packed BlockDataset."""
+    if is_instruction_source(source):
+        return InstructionDataset(tokenizer, source, seq_len, split)
+    return BlockDataset(packed_blocks(tokenizer, source, seq_len, split))

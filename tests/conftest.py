@@ -21,6 +21,7 @@ TINY_VOCAB = 384
 
 def _train_tiny_tokenizer():
     from pydoc_data import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,6 +72,21 @@ def build_tiny_model(kind: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(params=["tiny", "chat"])
+def smollm2_tokenizer_or_tiny(request, tiny_tokenizer):
+    """The tiny tokenizer (no chat template) and the same with a ChatML template."""
+    if request.param == "tiny":
+        return tiny_tokenizer
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    return tok
+
+
 @pytest.fixture
 def tiny_llama():
     return build_tiny_model("llama")
@@ -105,3 +121,18 @@ def smollm2():
     from seft.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_wanda50(tmp_path_factory) -> Path:
+    """Path of SmolLM2-135M pruned by Wanda to 50% unstructured (wiki, 32 x 256 tokens, seed 0).
+
+    A plain HF checkpoint + tokenizer + sparsity_report.json, built once per session.
+    """
+    from seft.prune import PruneConfig, prune_checkpoint
+
+    out = tmp_path_factory.mktemp("pruned") / "smollm2-wanda50"
+    config = PruneConfig(method="wanda", sparsity=0.5, pattern="unstructured", calibration="wiki",
+                         num_samples=32, seq_len=256, seed=0)
+    prune_checkpoint("smollm2-135m", out, config, progress=False)
+    return out

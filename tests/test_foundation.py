@@ -123,3 +123,29 @@ def test_smollm2_cached_load_is_fast(smollm2):
     assert time.perf_counter() - t0 < 60  # generous: the GGUF path takes ~25 s + dequantisation
     ref, _ = smollm2
     assert torch.equal(model.model.layers[3].mlp.down_proj.weight, ref.model.layers[3].mlp.down_proj.weight)
+
+
+def test_instruction_data_masks_prompt(tmp_path, smollm2_tokenizer_or_tiny):
+    from seft.data import pad_collate, training_dataset
+
+    tok = smollm2_tokenizer_or_tiny
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(20)]
+    path.write_text("\n".join(__import__("json").dumps(r) for r in rows))
+    ds = training_dataset(tok, str(path), seq_len=64)
+    assert len(ds) == 18  # every 10th row is held out
+    ex = ds[0]
+    n_prompt = sum(1 for t in ex["labels"] if t == -100)
+    assert 0 < n_prompt < len(ex["input_ids"])
+    response = tok.decode([t for t in ex["labels"] if t != -100])
+    assert "It is 0." in response and "What is" not in response
+    batch = pad_collate(tok.pad_token_id)([ds[0], ds[5]])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert ((batch["attention_mask"] == 0) <= (batch["labels"] == -100)).all()
+
+
+def test_text_training_blocks(tiny_tokenizer, tiny_text_file):
+    from seft.data import BlockDataset, training_dataset
+
+    ds = training_dataset(tiny_tokenizer, str(tiny_text_file), seq_len=32)
+    assert isinstance(ds, BlockDataset) and torch.equal(ds[0]["input_ids"], ds[0]["labels"])
