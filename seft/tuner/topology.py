@@ -1,0 +1,313 @@
+"""Pure SEFT topology math: schedule, candidates, drop, grow, rebalance, moment seeding.
+
+Imports torch only (no transformers, no peft, no seft modules), so every rule
+of DESIGN.md §1 is testable on small tensors without a model. All positions
+are *flat* indices into a row-major `out x in` weight.
+
+Vocabulary (per layer):
+  - `slots`      : the k positions holding a trainable delta (`indices`).
+  - `base_active`: `(W != 0) & ~removed` — pretrained weights still in use.
+  - `active`     : `base_active | slot` — what the effective weight keeps.
+  - a *revival*  : growing a slot at a position that is not `base_active`
+                   (a pruned zero, or a position SEFT itself removed).
+
+Design choices where the spec is silent:
+  - A replaced slot keeps its slot number: slot j is dropped and the new
+    position is written to `indices[j]`. `values` and the optimizer moments
+    are then edited in place at j, so the optimizer's state stays aligned
+    with the parameter without any re-keying.
+  - Grow candidates are fixed at the start of the statistics window and held
+    no slot then, so a slot dropped in this update can never be regrown in
+    the same update (no drop/regrow churn at one position).
+  - If fewer valid candidates exist than the replace count `r`, only as many
+    slots are replaced as can be grown, so the slot count stays exactly k.
+  - Rebalance that cannot reach `n` (nothing slot-free left in `removed` to
+    restore, or no slot-free active weight left to remove) does what it can
+    and reports the shortfall instead of raising; the caller logs it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("cosine", "linear")
+SENSITIVITIES = ("taylor", "magnitude")
+
+
+# --- schedule -----------------------------------------------------------------
+
+
+def evolve_horizon(total_steps: int, evolve_until: float) -> float:
+    """T = evolve_until * total_steps: the last step at which topology may change."""
+    return evolve_until * total_steps
+
+
+def is_update_step(step: int, total_steps: int, update_interval: int, evolve_until: float) -> bool:
+    """Topology updates happen after optimizer step `step` (1-based) when it is a
+    multiple of `update_interval` and `step <= evolve_until * total_steps`."""
+    return step > 0 and step % update_interval == 0 and step <= evolve_horizon(total_steps, evolve_until)
+
+
+def next_update_step(step: int, total_steps: int, update_interval: int, evolve_until: float) -> int | None:
+    """The first update step >= `step`, or None when evolution is over."""
+    nxt = max(update_interval, math.ceil(step / update_interval) * update_interval)
+    return nxt if is_update_step(nxt, total_steps, update_interval, evolve_until) else None
+
+
+def in_stat_window(step: int, total_steps: int, update_interval: int, evolve_until: float, stat_window: int) -> bool:
+    """True if optimizer step `step` (1-based) belongs to the statistics window
+    of an upcoming update, i.e. its gradients must be observed."""
+    nxt = next_update_step(step, total_steps, update_interval, evolve_until)
+    return nxt is not None and nxt - step < stat_window
+
+
+def replace_fraction(step: int, total_steps: int, p0: float, evolve_until: float, schedule: str = "cosine") -> float:
+    """p(t): cosine `p0 (1 + cos(pi t / T)) / 2` or linear `p0 (1 - t / T)`; 0 past T."""
+    horizon = evolve_horizon(total_steps, evolve_until)
+    if horizon <= 0 or step > horizon:
+        return 0.0
+    frac = step / horizon
+    if schedule == "cosine":
+        return p0 * (1.0 + math.cos(math.pi * frac)) / 2.0
+    if schedule == "linear":
+        return p0 * (1.0 - frac)
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def replace_count(p: float, k: int) -> int:
+    """r = round(p * k), clipped to [0, k]."""
+    return max(0, min(k, int(round(p * k))))
+
+
+# --- masks ----------------------------------------------------------------------
+
+
+def flat_mask(positions: torch.Tensor, numel: int) -> torch.Tensor:
+    """Boolean mask of length `numel` with True at `positions`."""
+    mask = torch.zeros(numel, dtype=torch.bool, device=positions.device)
+    if positions.numel():
+        mask[positions.long()] = True
+    return mask
+
+
+def base_active_mask(weight_flat: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """(W != 0) minus removed."""
+    mask = weight_flat != 0
+    if removed.numel():
+        mask[removed.long()] = False
+    return mask
+
+
+def active_count(weight_flat: torch.Tensor, removed: torch.Tensor, slots: torch.Tensor) -> int:
+    """count((W != 0) - removed + slots): the layer's active count."""
+    mask = base_active_mask(weight_flat, removed)
+    mask[slots.long()] = True
+    return int(mask.sum().item())
+
+
+def initial_slots(active: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct flat positions drawn uniformly at random from the True entries of `active`."""
+    pool = active.nonzero().flatten()
+    if k > pool.numel():
+        raise ValueError(f"budget k={k} exceeds the {pool.numel()} active positions")
+    pick = torch.randperm(pool.numel(), generator=generator, device="cpu")[:k].to(pool.device)
+    return pool[pick].sort().values
+
+
+# --- statistics window -----------------------------------------------------------
+
+
+def top_positions(score: torch.Tensor, eligible: torch.Tensor, c: int, largest: bool = True) -> torch.Tensor:
+    """Up to `c` flat positions among `eligible` with the largest (or smallest) `score`."""
+    c = min(c, int(eligible.sum().item()))
+    if c <= 0:
+        return torch.empty(0, dtype=torch.long, device=score.device)
+    fill = float("-inf") if largest else float("inf")
+    masked = torch.where(eligible, score.float(), torch.full_like(score, fill, dtype=torch.float32))
+    return torch.topk(masked, c, largest=largest, sorted=False).indices
+
+
+def grow_candidates(grad_flat: torch.Tensor, slot_mask: torch.Tensor, allowed: torch.Tensor | None, c: int) -> torch.Tensor:
+    """Top-|G| positions that hold no slot (and, in N:M mode, lie in `allowed`)."""
+    eligible = ~slot_mask if allowed is None else (~slot_mask & allowed)
+    return top_positions(grad_flat.abs(), eligible, c, largest=True)
+
+
+def sensitivity_candidates(weight_flat: torch.Tensor, grad_flat: torch.Tensor, base_active: torch.Tensor,
+                           slot_mask: torch.Tensor, c: int) -> torch.Tensor:
+    """Lowest-|w * G| base-active positions that hold no slot: the likely re-prune targets."""
+    score = (weight_flat.float() * grad_flat.float()).abs()
+    return top_positions(score, base_active & ~slot_mask, c, largest=False)
+
+
+# --- drop and grow ---------------------------------------------------------------
+
+
+def drop_slots(values: torch.Tensor, r: int) -> torch.Tensor:
+    """Slot numbers (0..k-1) of the `r` smallest |values|."""
+    if r <= 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    return torch.topk(values.detach().abs(), r, largest=False, sorted=False).indices
+
+
+def choose_growth(score: torch.Tensor, is_revival: torch.Tensor, r: int, max_revivals: int) -> torch.Tensor:
+    """Indices into the candidate list of the `r` largest `score`, with at most
+    `max_revivals` revivals.
+
+    Walking candidates in score order, a revival is admitted only while the cap
+    allows; so every admitted revival outranks the non-revival candidate it
+    displaces, and every non-admitted one is replaced by the next non-revival.
+    """
+    if r <= 0 or score.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=score.device)
+    order = torch.argsort(score, descending=True, stable=True)
+    rev_sorted = is_revival[order]
+    rev_rank = torch.cumsum(rev_sorted.long(), 0)  # 1-based rank among revivals
+    admissible = ~rev_sorted | (rev_rank <= max_revivals)
+    return order[admissible][:r]
+
+
+@dataclass
+class WindowStats:
+    """What a statistics window leaves behind for one layer (all flat, on one device).
+
+    `grow_sum`/`grow_sq` are sums over optimizer steps of the per-step gradient
+    at `grow_idx` (and of its square); `sens_sum` likewise at `sens_idx`.
+    """
+
+    grow_idx: torch.Tensor
+    grow_sum: torch.Tensor
+    grow_sq: torch.Tensor
+    sens_idx: torch.Tensor
+    sens_sum: torch.Tensor
+    steps: int
+
+
+@dataclass
+class EvolveResult:
+    """Outcome of one topology update of one layer."""
+
+    indices: torch.Tensor  # new slot positions (same length k; changed only at `replaced_slots`)
+    removed: torch.Tensor  # new removed set (sorted)
+    replaced_slots: torch.Tensor  # slot numbers that got a new position
+    seed_g_mean: torch.Tensor  # per replaced slot: window mean gradient at its new position
+    seed_g_sq: torch.Tensor  # per replaced slot: window mean squared gradient
+    revived: int
+    repruned: int
+    restored: int
+    active: int
+    shortfall: int  # |active - n| left after rebalance (0 unless impossible)
+
+
+def evolve(
+    weight_flat: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    removed: torch.Tensor,
+    stats: WindowStats,
+    r: int,
+    n: int,
+    revive_fraction: float,
+    sensitivity: str = "taylor",
+    nm: bool = False,
+) -> EvolveResult:
+    """One SEFT topology update (DESIGN.md §1 steps 2, 3 and 5) for one layer.
+
+    Drop the `r` smallest-|value| slots, grow at the largest-|g_mean| window
+    candidates (revival capped at `revive_fraction * r`; none in N:M mode),
+    then rebalance `removed` so the active count is exactly `n`.
+    Does not touch `values` or the optimizer; the caller zeroes values and
+    re-seeds moments at `replaced_slots` from `seed_g_mean`/`seed_g_sq`.
+    """
+    numel = weight_flat.numel()
+    device = weight_flat.device
+    steps = max(stats.steps, 1)
+    idx_dtype = indices.dtype
+    slots = indices.long()
+    removed = removed.long()
+    base_active = base_active_mask(weight_flat, removed)
+
+    # Grow candidates: still slot-free (true by construction) and scored by |g_mean|.
+    cand = stats.grow_idx.long()
+    g_mean = stats.grow_sum / steps
+    g_sq = stats.grow_sq / steps
+    is_revival = ~base_active[cand] if cand.numel() else torch.zeros(0, dtype=torch.bool, device=device)
+    if nm:  # N:M: only already-active positions may grow
+        keep = ~is_revival
+        cand, g_mean, g_sq, is_revival = cand[keep], g_mean[keep], g_sq[keep], is_revival[keep]
+    max_rev = 0 if nm else int(math.floor(revive_fraction * r + 1e-9))
+    chosen = choose_growth(g_mean.abs(), is_revival, r, max_rev)
+    r_eff = int(chosen.numel())
+
+    dropped = drop_slots(values, r_eff)
+    new_slots = slots.clone()
+    new_slots[dropped] = cand[chosen]
+    revived = int(is_revival[chosen].sum().item())
+
+    slot_mask = flat_mask(new_slots, numel)
+    active_mask = base_active | slot_mask
+    count = int(active_mask.sum().item())
+    repruned = restored = 0
+    if count > n:
+        excess = count - n
+        pool = base_active & ~slot_mask  # never a slot, hence never a position grown now
+        if sensitivity == "taylor" and stats.sens_idx.numel():
+            s_idx = stats.sens_idx.long()
+            ok = pool[s_idx]
+            s_idx = s_idx[ok]
+            s_score = (weight_flat[s_idx].float() * (stats.sens_sum[ok] / steps)).abs()
+            take = s_idx[torch.topk(s_score, min(excess, s_idx.numel()), largest=False).indices]
+        else:
+            take = torch.empty(0, dtype=torch.long, device=device)
+        if take.numel() < excess:  # magnitude (ablation) or too few window candidates
+            pool = pool.clone()
+            pool[take] = False
+            more = top_positions(weight_flat.abs(), pool, excess - take.numel(), largest=False)
+            take = torch.cat([take, more])
+        repruned = int(take.numel())
+        removed = torch.cat([removed, take])
+    elif count < n:
+        deficit = n - count
+        restorable = removed[~slot_mask[removed]] if removed.numel() else removed
+        if restorable.numel():
+            order = torch.topk(weight_flat[restorable].abs().float(), min(deficit, restorable.numel())).indices
+            back = flat_mask(restorable[order], numel)
+            removed = removed[~back[removed]]
+            restored = int(order.numel())
+    final = count + restored - repruned
+    return EvolveResult(
+        indices=new_slots.to(idx_dtype),
+        removed=removed.sort().values.to(idx_dtype),
+        replaced_slots=dropped,
+        seed_g_mean=g_mean[chosen],
+        seed_g_sq=g_sq[chosen],
+        revived=revived,
+        repruned=repruned,
+        restored=restored,
+        active=final,
+        shortfall=abs(final - n),
+    )
+
+
+# --- optimizer moments and warm-up -------------------------------------------------
+
+
+def seeded_moments(g_mean: torch.Tensor, g_sq_mean: torch.Tensor, step: int, beta1: float, beta2: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam moments for a regrown slot: `(1 - b1**t) g_mean`, `(1 - b2**t) mean(G**2)`.
+
+    After bias correction the slot looks as if it had seen its window gradient
+    for all `t` steps, so its first update `m_hat / sqrt(v_hat)` is at most
+    `lr` by Cauchy-Schwarz (|mean G| <= sqrt(mean G**2)).
+    """
+    t = max(int(step), 1)
+    return (1.0 - beta1**t) * g_mean.float(), (1.0 - beta2**t) * g_sq_mean.float()
+
+
+def warmup_scale(age: torch.Tensor, warmup: int) -> torch.Tensor:
+    """Per-slot factor on the applied update: (age + 1) / (warmup + 1) while age < warmup, else 1."""
+    if warmup <= 0:
+        return torch.ones_like(age, dtype=torch.float32)
+    return torch.clamp((age.float() + 1.0) / (warmup + 1.0), max=1.0)
