@@ -125,7 +125,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_wanda50(tmp_path_factory) -> Path:
-    """Path of SmolLM2-135M pruned by Wanda to 50% unstructured (wiki, 32 x 256 tokens, seed 0).
+    """Path of SmolLM2-135M pruned by Wanda to 50% unstructured (wiki, 16 x 256 tokens, seed 0).
 
     A plain HF checkpoint + tokenizer + sparsity_report.json, built once per session.
     """
@@ -133,6 +133,6 @@ def smollm2_wanda50(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("pruned") / "smollm2-wanda50"
     config = PruneConfig(method="wanda", sparsity=0.5, pattern="unstructured", calibration="wiki",
-                         num_samples=32, seq_len=256, seed=0)
+                         num_samples=16, seq_len=256, seed=0)
     prune_checkpoint("smollm2-135m", out, config, progress=False)
     return out

@@ -1,0 +1,51 @@
+"""Pruning: magnitude, Wanda and SparseGPT, unstructured and N:M, one sequential engine.
+
+`prune_model` works on a model in memory; `prune_checkpoint` is what the CLI
+runs: load -> prune -> write checkpoint + tokenizer + sparsity_report.json
+atomically (an interrupted run leaves nothing under the output name).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..io import atomic_output_dir, check_output_free, write_json
+from .config import METHODS, PruneConfig
+from .engine import prune_model
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "sparsity_report.json"
+
+__all__ = ["METHODS", "REPORT_NAME", "PruneConfig", "prune_checkpoint", "prune_model"]
+
+
+def prune_checkpoint(
+    model_name: str | os.PathLike,
+    output: str | os.PathLike,
+    config: PruneConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Load `model_name`, prune it per `config`, save to `output`; return the report.
+
+    Everything cheap is checked first (config, output folder, model path,
+    N:M fit), so a typo fails in a second rather than after calibration.
+    """
+    from ..models import load_model, save_checkpoint
+
+    config.validate()
+    check_output_free(output, overwrite)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_name, dtype=config.dtype)
+    report = prune_model(model, tokenizer, config, progress=progress)
+    report["model"] = str(model_name)
+    report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+        save_checkpoint(model, tokenizer, tmp)
+        report["total_seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(Path(tmp) / REPORT_NAME, report)
+    logger.info("pruned %s to %.1f%% sparsity -> %s", model_name, 100 * report["overall"]["sparsity"], output)
+    return report
