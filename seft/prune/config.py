@@ -88,3 +88,34 @@ class PruneConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# --- recipes ---------------------------------------------------------------------
+
+RECIPE_KEYS = ["model", "output", "overwrite", "prune"]
+
+
+@dataclass
+class PruneJob:
+    """A whole `seft prune` run: which model, where to, and the PruneConfig."""
+
+    model: str
+    output: str
+    config: PruneConfig
+    overwrite: bool = False
+
+    def as_recipe(self) -> dict:
+        return {"model": self.model, "output": self.output, "overwrite": self.overwrite,
+                "prune": self.config.as_dict()}
+
+
+def job_from_recipe(recipe: dict) -> PruneJob:
+    """Validate a prune recipe (top-level keys model/output/overwrite/prune) into a PruneJob."""
+    from ..recipe import build_dataclass, check_keys
+
+    check_keys(recipe, RECIPE_KEYS, "top level")
+    for key in ("model", "output", "prune"):
+        if recipe.get(key) in (None, ""):
+            raise SeftError(f"prune recipe needs a '{key}' entry; top-level keys: {', '.join(RECIPE_KEYS)}")
+    config = build_dataclass(PruneConfig, recipe["prune"], "prune").validate()
+    return PruneJob(str(recipe["model"]), str(recipe["output"]), config, bool(recipe.get("overwrite", False)))

@@ -1,0 +1,66 @@
+"""Check a recipe and print it fully resolved (defaults filled in, overrides applied).
+
+  seft validate recipes/prune_wanda_50.yaml [KEY=VALUE ...]
+
+The recipe's kind is known by its top-level keys (a prune recipe has
+`prune:`). Nothing is loaded or run; unknown keys and bad values fail with
+the valid choices.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from ..errors import SeftError
+
+NAME = "validate"
+HELP = "check a recipe and print it resolved"
+
+
+def _resolve_prune(recipe: dict) -> dict:
+    from ..prune.config import job_from_recipe
+
+    return job_from_recipe(recipe).as_recipe()
+
+
+def _resolve_finetune(recipe: dict) -> dict:
+    from ..finetune import job_from_recipe
+
+    return job_from_recipe(recipe).as_recipe()
+
+
+# kind -> (the top-level key that marks it, resolver returning the resolved recipe).
+# To add a kind (e.g. finetune: `adapter:`/`train:`), add one resolver and one entry.
+KINDS: dict[str, tuple[str, Callable[[dict], dict]]] = {
+    "prune": ("prune", _resolve_prune),
+    "finetune": ("finetune", _resolve_finetune),
+}
+
+
+def recipe_kind(recipe: dict) -> str:
+    for kind, (marker, _) in KINDS.items():
+        if marker in recipe:
+            return kind
+    markers = ", ".join(f"'{m}:' ({k})" for k, (m, _) in KINDS.items())
+    raise SeftError(f"cannot tell what this recipe is for: it has none of the top-level sections {markers}; "
+                    f"found {', '.join(map(str, recipe)) or 'nothing'}")
+
+
+def resolve(recipe: dict) -> tuple[str, dict]:
+    """(kind, resolved recipe) — raises SeftError on any problem."""
+    kind = recipe_kind(recipe)
+    return kind, KINDS[kind][1](recipe)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. prune.sparsity=0.6")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..recipe import dump_recipe, load_recipe
+
+    kind, resolved = resolve(load_recipe(args.recipe, args.overrides))
+    print(f"# {args.recipe}: valid {kind} recipe (resolved)")
+    print(dump_recipe(resolved), end="")
+    return 0
