@@ -1,0 +1,110 @@
+"""SeftConfig: the SEFT adapter's settings (a peft `PeftConfig`, saved as adapter_config.json).
+
+Budget: give `density` (fraction of each targeted weight, in (0, 1]) *or*
+`lora_rank` (k = r * (in + out) per layer, the parameter count of a LoRA of
+rank r, for equal-budget comparisons). Neither given -> `lora_rank = 8`.
+The budget must fit in each layer's active positions (initial slots sit on
+active weights, without duplicates); a layer where it does not is an error.
+
+Naming: the statistics window is `stat_window` (optimizer steps observed
+before each update). It is deliberately *not* called "accumulation steps",
+to stay distinct from the Trainer's `gradient_accumulation_steps`; with
+gradient accumulation every micro-batch of those steps counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
+
+from ..errors import SeftError, choices_hint
+from .topology import SCHEDULES, SENSITIVITIES
+
+DEFAULT_LORA_RANK = 8
+PEFT_NAME = "SEFT"
+
+
+def _extend_peft_type(name: str) -> PeftType:
+    """Add `name` to peft's closed `PeftType` enum (peft has no public hook for this).
+
+    `register_peft_method` insists the type be a `PeftType` member, and the
+    enum is a `str` subclass, so a member built here compares and hashes like
+    the string "SEFT" — which is what adapter_config.json stores.
+    """
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+SEFT_PEFT_TYPE = _extend_peft_type(PEFT_NAME)
+
+
+@dataclass
+class SeftConfig(PeftConfig):
+    """Settings of a SEFT adapter (DESIGN.md §1). Defaults follow the spec."""
+
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Linear names or regex; None = q,k,v,o,gate,up,down for LLaMA/Mistral."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Names or regex to skip."})
+    density: float | None = field(default=None, metadata={"help": "k = density * out * in per layer, in (0, 1]."})
+    lora_rank: int | None = field(default=None, metadata={"help": "k = lora_rank * (in + out); default 8."})
+    update_interval: int = field(default=20, metadata={"help": "Optimizer steps between topology updates."})
+    stat_window: int = field(default=4, metadata={"help": "Optimizer steps of gradient statistics per update."})
+    initial_replace_fraction: float = field(default=0.3, metadata={"help": "p0 of the replace schedule."})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear decay of the replace fraction."})
+    evolve_until: float = field(default=0.75, metadata={"help": "Evolve while step <= evolve_until * total."})
+    revive_fraction: float = field(default=0.1, metadata={"help": "Max share of grown slots at pruned positions."})
+    sensitivity: str = field(default="taylor", metadata={"help": "taylor (|w g|) | magnitude (|w|) re-prune score."})
+    regrow_warmup: int = field(default=10, metadata={"help": "Steps over which a regrown slot's update ramps up."})
+    candidates: int | None = field(default=None, metadata={"help": "Window candidates per kind; None = k."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initial slot draw."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SEFT_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SeftError (one line, naming the valid range) for any bad field."""
+        if self.density is not None and self.lora_rank is not None:
+            raise SeftError("give either density or lora_rank for the SEFT budget, not both")
+        if self.density is not None and not 0.0 < float(self.density) <= 1.0:
+            raise SeftError(f"density must be in (0, 1], got {self.density}")
+        if self.lora_rank is not None and int(self.lora_rank) < 1:
+            raise SeftError(f"lora_rank must be a positive integer, got {self.lora_rank}")
+        for name in ("update_interval", "stat_window"):
+            if int(getattr(self, name)) < 1:
+                raise SeftError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stat_window > self.update_interval:
+            raise SeftError(f"stat_window ({self.stat_window}) must be <= update_interval ({self.update_interval})")
+        for name in ("initial_replace_fraction", "revive_fraction", "evolve_until"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise SeftError(f"{name} must be in [0, 1], got {value}")
+        if self.schedule not in SCHEDULES:
+            raise SeftError(f"unknown schedule {self.schedule!r}; {choices_hint(self.schedule, SCHEDULES)}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise SeftError(f"unknown sensitivity {self.sensitivity!r}; {choices_hint(self.sensitivity, SENSITIVITIES)}")
+        if int(self.regrow_warmup) < 0:
+            raise SeftError(f"regrow_warmup must be >= 0, got {self.regrow_warmup}")
+        if self.candidates is not None and int(self.candidates) < 1:
+            raise SeftError(f"candidates must be >= 1 or None, got {self.candidates}")
+
+    def budget(self, out_features: int, in_features: int) -> int:
+        """k for one `out x in` layer."""
+        if self.density is not None:
+            return max(1, int(round(float(self.density) * out_features * in_features)))
+        rank = DEFAULT_LORA_RANK if self.lora_rank is None else int(self.lora_rank)
+        return rank * (in_features + out_features)

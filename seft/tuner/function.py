@@ -1,0 +1,72 @@
+"""The SEFT linear as a custom autograd Function.
+
+Forward builds the effective weight `W_eff = W with removed zeroed, plus
+scatter(indices, values)` transiently, applies it, and lets it go: only `x`,
+the (frozen, already resident) base weight and the O(k) tensors are saved.
+Backward rebuilds `W_eff` for `grad_x`, and forms the dense weight gradient
+`G = g^T x` once, which serves both purposes:
+  - `grad_values = G.flatten()[indices]` (dense product then gather; the
+    benchmark decides later whether a sampled SDDMM pays off);
+  - during a statistics window `G` is handed to `sink(G)` (the layer's
+    accumulator), which keeps only candidate entries; `G` is then freed.
+
+dtypes: the base weight may be fp32, bf16 or fp16; `W_eff` is built in the
+base dtype (so a bf16 base adds fp32 values rounded to bf16 — the same
+rounding a merge performs), the matmuls run in the input dtype, and `G` and
+`grad_values` are fp32 because `values` is.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+GradSink = Callable[[torch.Tensor], None]
+
+
+def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                     removed: torch.Tensor) -> torch.Tensor:
+    """W_eff (dense, base dtype): W with `removed` zeroed, plus `values` at `indices`."""
+    flat = weight.detach().reshape(-1).clone()
+    if removed.numel():
+        flat[removed.long()] = 0
+    flat.index_add_(0, indices.long(), values.detach().to(flat.dtype))
+    return flat.view_as(weight)
+
+
+class SparseDeltaLinear(torch.autograd.Function):
+    """y = x @ W_eff^T + b, differentiable w.r.t. x and `values` only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None) -> torch.Tensor:
+        w_eff = effective_weight(weight, values, indices, removed).to(x.dtype)
+        out = F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, weight, values, indices, removed)
+        ctx.sink = sink
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, values, indices, removed = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            w_eff = effective_weight(weight, values, indices, removed).to(grad_out.dtype)
+            grad_x = (grad_out @ w_eff).to(x.dtype)
+            del w_eff
+        if ctx.needs_input_grad[3] or ctx.sink is not None:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+            dense = (g2.t() @ x2).float()  # [out, in]: G, transient
+            if ctx.sink is not None:
+                ctx.sink(dense)
+            if ctx.needs_input_grad[3]:
+                grad_values = dense.reshape(-1)[indices.long()]
+            del dense
+        return grad_x, None, None, grad_values, None, None, None
+
+
+def seft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None = None) -> torch.Tensor:
+    return SparseDeltaLinear.apply(x, weight, bias, values, indices, removed, sink)

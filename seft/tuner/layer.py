@@ -1,0 +1,272 @@
+"""SEFT layer state: a peft tuner layer around a frozen (pruned) `nn.Linear`.
+
+Per adapter the layer holds (all in the state dict, saved by `save_pretrained`):
+  - `seft_values[a]`  : fp32 Parameter [k] — the trainable sparse delta;
+  - `seft_indices[a]` : int32/int64 buffer [k] — flat slot positions;
+  - `seft_removed[a]` : int buffer [variable] — base weights SEFT pruned away;
+  - `seft_age[a]`     : int32 buffer [k] — optimizer steps since a slot was
+    (re)grown, capped at `regrow_warmup`; drives the regrow warm-up and lets a
+    resumed run continue it exactly.
+`n` (the layer's fixed active count) and the N:M pattern are *derived* from
+the frozen base weight at creation, so they need no storage.
+
+This module exposes state and a statistics accumulator; it decides nothing
+about topology (that is `model.py`, with the math in `topology.py`).
+
+Guards:
+  - integer buffers are never cast: torch's `.to(dtype)` skips them, peft's
+    device move is overridden to move devices only (it would also cast
+    `values` to a bf16 base's dtype), and loading repairs float-stored
+    integers and resizes `removed` (whose length changes with the topology)
+    before `load_state_dict` copies into it.
+  - unmerge after merge restores the base weights zeroed by `removed` from a
+    backup kept in memory at merge time (not saved: a merged model is meant
+    to be unloaded).
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..errors import SeftError
+from ..sparsity import Pattern, detect_nm, index_dtype
+from . import topology as T
+from .function import effective_weight, seft_linear
+
+logger = logging.getLogger(__name__)
+
+INT_STATE = ("seft_indices", "seft_removed", "seft_age")
+
+
+@dataclass
+class LayerMeta:
+    """Per-adapter facts derived from the base weight at creation."""
+
+    n: int  # active count to keep (count(W != 0) at creation)
+    k: int  # slots
+    nm: Pattern  # detected N:M pattern, or None
+    candidates: int  # window candidates per kind
+
+
+class WindowAccumulator:
+    """Transient gradient statistics of one layer over one statistics window.
+
+    Candidates are picked from the first micro-batch's dense `G`; after that,
+    each micro-batch adds `G` at the candidates into a per-step buffer, and
+    `end_step()` folds the buffer (the optimizer step's gradient) into the
+    sums of `G` and `G**2`, so means are per optimizer step even with
+    gradient accumulation. Under torch.distributed, `G` is averaged over
+    ranks first so every rank takes identical decisions.
+    """
+
+    def __init__(self, layer: Linear, adapter: str, want_sensitivity: bool):
+        self.layer, self.adapter, self.want_sensitivity = layer, adapter, want_sensitivity
+        self.grow_idx: torch.Tensor | None = None
+        self.sens_idx: torch.Tensor | None = None
+        self.steps = 0
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                torch.distributed.all_reduce(grad)
+                grad /= world
+        flat = grad.reshape(-1)
+        if self.grow_idx is None:
+            self._choose(flat)
+        self.grow_buf += flat[self.grow_idx]
+        self.sens_buf += flat[self.sens_idx]
+        self.seen = True
+
+    @torch.no_grad()
+    def _choose(self, g: torch.Tensor) -> None:
+        layer, a = self.layer, self.adapter
+        meta = layer.seft_meta[a]
+        w = layer.get_base_layer().weight.reshape(-1)
+        removed = layer.seft_removed[a]
+        slot_mask = T.flat_mask(layer.seft_indices[a], w.numel())
+        base = T.base_active_mask(w, removed)
+        self.grow_idx = T.grow_candidates(g, slot_mask, base if meta.nm else None, meta.candidates)
+        if self.want_sensitivity:
+            self.sens_idx = T.sensitivity_candidates(w, g, base, slot_mask, meta.candidates)
+        else:
+            self.sens_idx = torch.empty(0, dtype=torch.long, device=g.device)
+        z = torch.zeros
+        self.grow_buf, self.grow_sum, self.grow_sq = (z(self.grow_idx.numel(), device=g.device) for _ in range(3))
+        self.sens_buf, self.sens_sum = (z(self.sens_idx.numel(), device=g.device) for _ in range(2))
+        self.seen = False
+
+    def end_step(self) -> None:
+        """Close one optimizer step of the window (no-op if it saw no gradient)."""
+        if self.grow_idx is None or not self.seen:
+            return
+        self.grow_sum += self.grow_buf
+        self.grow_sq += self.grow_buf**2
+        self.sens_sum += self.sens_buf
+        self.grow_buf.zero_()
+        self.sens_buf.zero_()
+        self.steps += 1
+        self.seen = False
+
+    def stats(self) -> T.WindowStats | None:
+        if self.grow_idx is None or self.steps == 0:
+            return None
+        return T.WindowStats(self.grow_idx, self.grow_sum, self.grow_sq, self.sens_idx, self.sens_sum, self.steps)
+
+
+class SeftLayer(BaseTunerLayer):
+    """Mixin holding SEFT state; `Linear` below is the concrete layer."""
+
+    adapter_layer_names: tuple[str, ...] = ("seft_values",)
+    other_param_names: tuple[str, ...] = INT_STATE
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.seft_values = nn.ParameterDict()
+        self.seft_indices = BufferDict(persistent=True)
+        self.seft_removed = BufferDict(persistent=True)
+        self.seft_age = BufferDict(persistent=True)
+        self.seft_meta: dict[str, LayerMeta] = {}
+        self.seft_window: dict[str, WindowAccumulator] = {}
+        self._seft_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise SeftError(f"SEFT adapts nn.Linear layers only, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_load_state_dict_pre_hook(_fit_int_state_before_load)
+
+    @torch.no_grad()
+    def update_layer(self, adapter_name: str, config, layer_key: str = "") -> None:
+        """Create adapter `adapter_name`: n from the base, k from the budget, seeded initial slots."""
+        weight = self.get_base_layer().weight
+        flat = weight.detach().reshape(-1)
+        active = flat != 0
+        n = int(active.sum().item())
+        k = config.budget(self.out_features, self.in_features)
+        if k > n:
+            raise SeftError(
+                f"SEFT budget k={k} exceeds the {n} nonzero weights of {layer_key or 'a layer'} "
+                f"({self.out_features}x{self.in_features}); lower density/lora_rank"
+            )
+        nm = detect_nm(weight.detach()) if n < flat.numel() else None
+        gen = torch.Generator().manual_seed((int(config.seed) * 1_000_003 + zlib.crc32(layer_key.encode())) % 2**63)
+        idx_dtype = index_dtype(flat.numel())
+        slots = T.initial_slots(active.cpu(), k, gen).to(idx_dtype)
+        device = weight.device
+        self.seft_values[adapter_name] = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
+        self.seft_indices[adapter_name] = slots.to(device)
+        self.seft_removed[adapter_name] = torch.empty(0, dtype=idx_dtype, device=device)
+        self.seft_age[adapter_name] = torch.full((k,), int(config.regrow_warmup), dtype=torch.int32, device=device)
+        cands = int(config.candidates) if config.candidates is not None else k
+        self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands)
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move devices only: values stay fp32 and integer state stays integer."""
+        target = device if device is not None else self.get_base_layer().weight.device
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].device != target:
+                container[adapter_name] = container[adapter_name].to(target)
+
+    def seft_state(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, indices, removed), repairing integer buffers a foreign cast made float."""
+        for name in INT_STATE:
+            t = getattr(self, name)[adapter]
+            if t.is_floating_point():
+                want = torch.int32 if name == "seft_age" else index_dtype(self.in_features * self.out_features)
+                logger.warning("%s was cast to %s; restoring integer dtype", name, t.dtype)
+                getattr(self, name)[adapter] = t.round().to(want)
+        return self.seft_values[adapter], self.seft_indices[adapter], self.seft_removed[adapter]
+
+    # --- statistics window -------------------------------------------------------
+
+    def open_window(self, adapter: str, want_sensitivity: bool) -> None:
+        self.seft_window[adapter] = WindowAccumulator(self, adapter, want_sensitivity)
+
+    def close_window(self, adapter: str) -> WindowAccumulator | None:
+        return self.seft_window.pop(adapter, None)
+
+
+class Linear(nn.Module, SeftLayer):
+    """A frozen `nn.Linear` plus a SEFT sparse delta."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config, layer_key: str = "", **kwargs) -> None:
+        super().__init__()
+        SeftLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_key)
+
+    def _adapter_in_use(self) -> str | None:
+        active = [a for a in self.active_adapters if a in self.seft_values]
+        if len(active) > 1:
+            raise SeftError(f"SEFT layers run one adapter at a time; active: {', '.join(active)}")
+        return active[0] if active else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = None if (self.disable_adapters or self.merged) else self._adapter_in_use()
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        base = self.get_base_layer()
+        if adapter is None:
+            return base(x, *args, **kwargs)
+        values, indices, removed = self.seft_state(adapter)
+        window = self.seft_window.get(adapter)
+        sink = window if (window is not None and torch.is_grad_enabled()) else None
+        return seft_linear(x, base.weight, base.bias, values, indices, removed, sink)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W <- W_eff (removed zeroed, delta added); keeps a backup of removed weights for unmerge."""
+        base = self.get_base_layer()
+        for adapter in adapter_names or self.active_adapters:
+            if adapter not in self.seft_values or adapter in self.merged_adapters:
+                continue
+            values, indices, removed = self.seft_state(adapter)
+            flat = base.weight.data.reshape(-1)
+            self._seft_merge_backup[adapter] = (removed.clone(), flat[removed.long()].clone())
+            merged = effective_weight(base.weight, values, indices, removed)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise SeftError(f"NaNs/Infs in the merged SEFT weight of adapter {adapter!r}; not merged")
+            base.weight.data.copy_(merged)
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        flat = base.weight.data.view(-1)
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            values, indices, _ = self.seft_state(adapter)
+            flat.index_add_(0, indices.long(), -values.to(flat.dtype))
+            removed, originals = self._seft_merge_backup.pop(adapter)
+            flat[removed.long()] = originals
+
+    def __repr__(self) -> str:
+        return "seft." + super().__repr__()
+
+
+def _fit_int_state_before_load(module: SeftLayer, state_dict: dict, prefix: str, *args) -> None:
+    """Before load_state_dict copies: resize `removed` (its length follows the topology)
+    and turn float-stored integers back into the buffer's integer dtype."""
+    for name in INT_STATE:
+        container = getattr(module, name)
+        for adapter in list(container.keys()):
+            key = f"{prefix}{name}.{adapter}"
+            if key not in state_dict:
+                continue
+            current = container[adapter]
+            incoming = state_dict[key]
+            if incoming.is_floating_point():
+                incoming = incoming.round()
+            state_dict[key] = incoming.to(current.dtype)
+            if incoming.shape != current.shape:
+                container[adapter] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
