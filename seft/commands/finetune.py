@@ -1,0 +1,107 @@
+"""Repair a pruned model by fine-tuning it while it stays sparse (SEFT or a baseline).
+
+Two ways to call it:
+  seft finetune --model out/wanda50 --data wiki --output out/wanda50-seft --max-steps 100 --merge
+  seft finetune recipes/smollm2_wanda50_seft.yaml [train.max_steps=40 finetune.merge=true ...]
+
+--data: wiki, news, pydoc, a .txt file (packed blocks), a prompt/response
+.jsonl (instruction tuning, loss on the response only), or hf:DATASET.
+--method: seft (default), seft-norevive, static, masked-lora, lora-reprune,
+lora-mask, full-masked — all at the budget of a LoRA of rank --lora-rank.
+
+Output: OUTPUT/adapter_model.safetensors (+ adapter_config.json),
+OUTPUT/merged/ with --merge (a plain sparse HF checkpoint), and
+OUTPUT/train_report.json. Checkpoints go to .OUTPUT.work/ while training;
+--resume continues an interrupted run from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import SeftError
+from ..finetune import METHODS, FinetuneConfig, FinetuneJob, job_from_recipe
+
+NAME = "finetune"
+HELP = "repair a pruned model with SEFT (or a baseline), keeping it sparse"
+
+D = FinetuneConfig()
+# flag -> (section, key)
+FLAGS = {
+    "data": ("finetune", "data"), "method": ("finetune", "method"), "seq_len": ("finetune", "seq_len"),
+    "dtype": ("finetune", "dtype"), "merge": ("finetune", "merge"), "resume": ("finetune", "resume"),
+    "load_in_4bit": ("finetune", "load_in_4bit"), "eval_data": ("finetune", "eval_data"),
+    "lora_rank": ("adapter", "lora_rank"), "max_steps": ("train", "max_steps"),
+    "learning_rate": ("train", "learning_rate"), "batch_size": ("train", "per_device_train_batch_size"),
+    "grad_accum": ("train", "gradient_accumulation_steps"), "optim": ("train", "optim"),
+    "bf16": ("train", "bf16"), "fp16": ("train", "fp16"), "gradient_checkpointing": ("train", "gradient_checkpointing"),
+    "save_steps": ("train", "save_steps"), "seed": ("train", "seed"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="a finetune recipe (YAML); then only KEY=VALUE overrides may follow")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.max_steps=40")
+    p.add_argument("--model", help="the pruned model: a folder from `seft prune`, an alias or a hub id")
+    p.add_argument("--output", help="output folder (adapter, merged/, train_report.json)")
+    p.add_argument("--data", help=f"training text source (default: {D.data})")
+    p.add_argument("--method", choices=METHODS, help="repair method (default: seft)")
+    p.add_argument("--lora-rank", type=int, help="trainable budget as a LoRA rank: k = r*(in+out) per layer (default: 8)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: 100)")
+    p.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (default: 2e-3; full-masked 5e-5)")
+    p.add_argument("--batch-size", type=int, help="sequences per device per micro-batch (default: 4)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per training sequence (default: {D.seq_len})")
+    p.add_argument("--optim", help="Trainer optimizer, e.g. adamw_torch (default), adamw_bnb_8bit")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    p.add_argument("--fp16", action="store_true", default=None, help="fp16 mixed precision (GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations")
+    p.add_argument("--dtype", help="dtype to load the base in (default: as stored)")
+    p.add_argument("--load-in-4bit", action="store_true", default=None, help="QSEFT: NF4 base via bitsandbytes")
+    p.add_argument("--eval-data", help="held-out perplexity source before/after (default: wiki; 'none' to skip)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: 50)")
+    p.add_argument("--seed", type=int, help="training seed (default: 0)")
+    p.add_argument("--merge", action="store_true", default=None, help="also write OUTPUT/merged (plain sparse model)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def job_from_args(args: argparse.Namespace) -> FinetuneJob:
+    given = {flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None}
+    if args.recipe is not None:
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, list(args.overrides))
+        if args.model or args.output:
+            recipe.update({k: getattr(args, k) for k in ("model", "output") if getattr(args, k)})
+    else:
+        if args.overrides:
+            raise SeftError(f"overrides {args.overrides} need a recipe file first: seft finetune RECIPE.yaml KEY=VALUE")
+        if not args.model or not args.output:
+            raise SeftError("give --model and --output (or a recipe file)")
+        recipe = {"model": args.model, "output": args.output}
+    for flag, value in given.items():
+        section, key = FLAGS[flag]
+        if flag == "eval_data" and str(value).lower() == "none":
+            value = None
+        recipe.setdefault(section, {})
+        if recipe[section] is None:
+            recipe[section] = {}
+        recipe[section][key] = value
+    if args.overwrite:
+        recipe["overwrite"] = True
+    return job_from_recipe(recipe)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..finetune import ppl_table, run_finetune
+
+    job = job_from_args(args)
+    report = run_finetune(job, progress=not args.no_progress)
+    print(ppl_table(report))
+    summary = {k: report[k] for k in ("steps", "train_seconds", "seconds_per_step", "trainable_params",
+                                       "adapter_bytes", "memory", "sparsity_preserved")}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {job.output}")
+    return 0

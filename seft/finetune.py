@@ -1,0 +1,415 @@
+"""`seft finetune`: repair a pruned model on a stock `transformers.Trainer`.
+
+One run = load the pruned model -> wrap it for the chosen method -> train
+with `Trainer` (+ `SeftCallback` for the SEFT methods) -> write the adapter,
+optionally the merged sparse model, and `train_report.json`.
+
+Methods (same data, steps and trainable-parameter budget `adapter.lora_rank`):
+  seft           SEFT with the spec's defaults (DESIGN.md §1)
+  seft-norevive  SEFT with revival off (`revive_fraction = 0`)
+  static         the SEFT delta with evolution off (fixed random slots)
+  masked-lora    LoRA times the base mask (SQFT-style), merged sparse
+  lora-reprune   dense LoRA, merged, re-pruned by Wanda to the base sparsity (LoRA*)
+  lora-mask      dense LoRA, merged, original mask re-applied
+  full-masked    every target weight trained, mask re-applied after each step
+
+Where things go, and why:
+  OUTPUT/                      written atomically at the end (temp folder + rename)
+    adapter_model.safetensors  + adapter_config.json (peft methods)
+    merged/                    plain HF checkpoint (--merge; always for the
+                               methods whose product only exists merged)
+    train_report.json          steps, time, memory, topology per update, sparsity
+  .OUTPUT.work/                Trainer checkpoints while training; `--resume`
+                               continues from its last checkpoint (adapter with
+                               its topology + optimizer + RNG + data position);
+                               removed after a successful run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SeftError, choices_hint
+from .io import atomic_output_dir, check_output_free, write_json
+from .models import decoder_layers, load_model, save_checkpoint, target_linears
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("seft", "seft-norevive", "static", "masked-lora", "lora-reprune", "lora-mask", "full-masked")
+SEFT_METHODS = ("seft", "seft-norevive", "static")
+MERGE_ONLY = ("lora-reprune", "lora-mask", "full-masked")  # their product exists only merged
+DEFAULT_LR = {"full-masked": 5e-5}  # everything else: 2e-3 (adapters train a small delta)
+REPORT_NAME = "train_report.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """The `finetune:` section of a recipe (adapter: = SeftConfig, train: = TrainingArguments)."""
+
+    data: str = "wiki"
+    method: str = "seft"
+    seq_len: int = 256
+    dtype: str | None = None
+    merge: bool = False
+    resume: bool = False
+    eval_data: str | None = "wiki"  # held-out perplexity before/after; null to skip
+    eval_seq_len: int = 256
+    eval_windows: int | None = 32
+    calibration: str = "wiki"  # lora-reprune's Wanda re-prune
+    calibration_samples: int = 32
+    calibration_seq_len: int = 256
+    lora_alpha: float = 16.0  # LoRA baselines' scale (alpha / rank)
+    load_in_4bit: bool = False
+
+    def validate(self) -> FinetuneConfig:
+        if self.method not in METHODS:
+            raise SeftError(f"unknown method {self.method!r}; {choices_hint(self.method, METHODS)}")
+        for name in ("seq_len", "eval_seq_len", "calibration_samples", "calibration_seq_len"):
+            if int(getattr(self, name)) < 2:
+                raise SeftError(f"{name} must be at least 2, got {getattr(self, name)}")
+        if self.eval_windows is not None and int(self.eval_windows) < 1:
+            raise SeftError(f"eval_windows must be >= 1 or null (all), got {self.eval_windows}")
+        return self
+
+
+@dataclass
+class FinetuneJob:
+    model: str
+    output: str
+    config: FinetuneConfig
+    adapter: dict[str, Any]  # SeftConfig keyword arguments
+    train: dict[str, Any]  # TrainingArguments keyword arguments
+    overwrite: bool = False
+
+    def as_recipe(self) -> dict:
+        return {"model": self.model, "output": self.output, "overwrite": self.overwrite,
+                "finetune": dataclasses.asdict(self.config), "adapter": self.resolved_adapter(),
+                "train": self.training_overrides()}
+
+    def resolved_adapter(self) -> dict[str, Any]:
+        """The SeftConfig fields a recipe can set, with defaults filled in."""
+        cfg = self.seft_config()
+        out = {name: getattr(cfg, name) for name in _SEFT_FIELDS}
+        if isinstance(out["target_modules"], set):
+            out["target_modules"] = sorted(out["target_modules"])
+        return out
+
+    def seft_config(self):
+        from .tuner import SeftConfig
+
+        kwargs = dict(self.adapter)
+        if self.config.method == "seft-norevive":
+            kwargs["revive_fraction"] = 0.0
+        elif self.config.method == "static":
+            kwargs["evolve_until"] = 0.0
+        return _build(SeftConfig, kwargs, "adapter")
+
+    def rank(self) -> int:
+        """The trainable-parameter budget as a LoRA rank (shared by every method)."""
+        if self.adapter.get("density") is not None and self.config.method not in SEFT_METHODS:
+            raise SeftError(f"method {self.config.method} needs the budget as adapter.lora_rank, not density")
+        return int(self.adapter.get("lora_rank") or 8)
+
+    def training_overrides(self) -> dict[str, Any]:
+        """Our defaults, then the recipe's `train:` on top."""
+        lr = DEFAULT_LR.get(self.config.method, 2e-3)
+        defaults = dict(
+            max_steps=100, per_device_train_batch_size=4, learning_rate=lr, lr_scheduler_type="cosine",
+            warmup_steps=5, logging_steps=10, save_strategy="steps", save_steps=50, save_total_limit=2,
+            report_to="none", seed=0, data_seed=0, dataloader_num_workers=0, dataloader_pin_memory=False,
+            weight_decay=0.0,
+        )
+        return defaults | dict(self.train)
+
+
+_SEFT_FIELDS = ("lora_rank", "density", "update_interval", "stat_window", "initial_replace_fraction", "schedule",
+                "evolve_until", "revive_fraction", "sensitivity", "regrow_warmup", "seed", "target_modules")
+
+
+def _build(cls, kwargs: dict, section: str):
+    from .recipe import build_dataclass
+
+    return build_dataclass(cls, kwargs, section)
+
+
+RECIPE_KEYS = ["model", "output", "overwrite", "finetune", "adapter", "train"]
+
+
+def job_from_recipe(recipe: dict) -> FinetuneJob:
+    """Validate a finetune recipe into a FinetuneJob (unknown keys anywhere are errors)."""
+    from .recipe import build_dataclass, check_keys
+
+    check_keys(recipe, RECIPE_KEYS, "top level")
+    for key in ("model", "output"):
+        if recipe.get(key) in (None, ""):
+            raise SeftError(f"finetune recipe needs a '{key}' entry; top-level keys: {', '.join(RECIPE_KEYS)}")
+    config = build_dataclass(FinetuneConfig, recipe.get("finetune"), "finetune").validate()
+    job = FinetuneJob(str(recipe["model"]), str(recipe["output"]), config, dict(recipe.get("adapter") or {}),
+                      dict(recipe.get("train") or {}), bool(recipe.get("overwrite", False)))
+    job.seft_config()  # strict check of adapter:
+    training_arguments(job, Path("/nonexistent-seft-validate"))  # strict check of train:
+    return job
+
+
+# --- Trainer wiring -------------------------------------------------------------------
+
+def training_arguments(job: FinetuneJob, work_dir: Path):
+    from transformers import TrainingArguments
+
+    kwargs = job.training_overrides()
+    if "output_dir" in job.train:
+        raise SeftError("set the output folder with the top-level 'output' (or --output), not train.output_dir")
+    if kwargs.get("gradient_checkpointing"):
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    if int(kwargs.get("max_steps", -1)) <= 0:
+        raise SeftError("train.max_steps must be a positive number of optimizer steps (SEFT's schedule needs it)")
+    return _build(TrainingArguments, {"output_dir": str(work_dir), **kwargs}, "train")
+
+
+class MaskCallback:
+    """full-masked: re-apply the base mask after every optimizer step."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        from transformers import TrainerCallback
+
+        self.masks = masks
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                from .baselines import apply_masks
+
+                apply_masks(model, outer.masks)
+
+        self.callback = _CB()
+
+
+def prepare(job: FinetuneJob, model: nn.Module) -> tuple[nn.Module, list]:
+    """Wrap `model` for the job's method; returns (model to train, Trainer callbacks)."""
+    method = job.config.method
+    if method in SEFT_METHODS:
+        import peft
+
+        from .tuner import SeftCallback
+
+        return peft.get_peft_model(model, job.seft_config()), [SeftCallback()]
+    if method == "masked-lora":
+        from .baselines import apply_masked_lora
+
+        return apply_masked_lora(model, job.rank(), job.config.lora_alpha), []
+    if method in ("lora-reprune", "lora-mask"):
+        import peft
+
+        from .models import TARGET_MODULES
+
+        lora = peft.LoraConfig(r=job.rank(), lora_alpha=job.config.lora_alpha, lora_dropout=0.0,
+                               target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, lora), []
+    from .baselines import enable_full_masked
+
+    return model, [MaskCallback(enable_full_masked(model)).callback]
+
+
+def merge(job: FinetuneJob, trained: nn.Module, tokenizer, base_masks: dict[str, torch.Tensor]) -> nn.Module:
+    """The method's merged, sparse model (a plain transformers model)."""
+    method = job.config.method
+    if method == "masked-lora":
+        from .baselines import merge_masked_lora
+
+        return merge_masked_lora(trained)
+    if method == "full-masked":
+        return trained
+    merged = trained.merge_and_unload()
+    if method == "lora-mask":
+        from .baselines import apply_masks
+
+        apply_masks(merged, base_masks)
+    elif method == "lora-reprune":
+        from .prune import PruneConfig, prune_model
+
+        sparsity, pattern = base_sparsity_and_pattern(base_masks)
+        cfg = PruneConfig(method="wanda", sparsity=None if pattern != "unstructured" else sparsity, pattern=pattern,
+                          calibration=job.config.calibration, num_samples=job.config.calibration_samples,
+                          seq_len=job.config.calibration_seq_len, seed=0).validate()
+        prune_model(merged, tokenizer, cfg, progress=False)
+    return merged
+
+
+def base_sparsity_and_pattern(masks: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The base's sparsity over target linears, and its N:M pattern if every layer has one."""
+    from .sparsity import detect_nm, format_pattern
+
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    patterns = {detect_nm(m.to(torch.uint8)) for m in masks.values()}
+    pattern = patterns.pop() if len(patterns) == 1 else None
+    return round(1 - kept / total, 6), format_pattern(pattern)
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    """{'3.mlp.down_proj': sparsity} over the target linears."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in target_linears(layer).items():
+            w = lin.weight
+            out[f"{i}.{name}"] = 1.0 - float((w != 0).sum()) / w.numel()
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak process RSS (CPU) and peak CUDA allocation, in GiB."""
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def work_dir_for(output: str | os.PathLike) -> Path:
+    output = Path(output).absolute()
+    return output.parent / f".{output.name}.work"
+
+
+def _held_out_ppl(job: FinetuneJob, model: nn.Module, tokenizer) -> dict | None:
+    if not job.config.eval_data:
+        return None
+    from .perplexity import perplexity
+
+    return perplexity(model, tokenizer, job.config.eval_data, job.config.eval_seq_len,
+                      max_windows=job.config.eval_windows, progress=False).as_dict()
+
+
+def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
+    """The whole `seft finetune` run; returns the train report (also written to OUTPUT)."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .data import pad_collate, training_dataset
+
+    cfg = job.config.validate()
+    output = Path(job.output)
+    check_output_free(output, job.overwrite)
+    work = work_dir_for(output)
+    resume_from = None
+    if cfg.resume:
+        resume_from = get_last_checkpoint(str(work)) if work.is_dir() else None
+        if resume_from is None:
+            raise SeftError(f"--resume: no checkpoint in {work}; start without --resume")
+    elif work.exists():
+        if get_last_checkpoint(str(work)) and not job.overwrite:
+            raise SeftError(f"{work} holds checkpoints of an interrupted run; pass --resume to continue it "
+                            "or --overwrite to start over")
+        shutil.rmtree(work)
+    args = training_arguments(job, work)
+    if not progress:
+        args.disable_tqdm = True
+
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(job.model, dtype=cfg.dtype)
+    masks = {k: m for k, m in _base_masks(model).items()}
+    before = layer_sparsity(model)
+    dataset = training_dataset(tokenizer, cfg.data, cfg.seq_len, "train")
+    ppl_before = _held_out_ppl(job, model, tokenizer)
+    trained, callbacks = prepare(job, model)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    logger.info("%s: %d trainable parameters, %d training examples, %d steps",
+                cfg.method, trainable, len(dataset), args.max_steps)
+    trainer = Trainer(model=trained, args=args, train_dataset=dataset, data_collator=pad_collate(tokenizer.pad_token_id),
+                      processing_class=tokenizer, callbacks=callbacks)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - t_train
+    memory = peak_memory()
+
+    seft_cb = next((c for c in callbacks if type(c).__name__ == "SeftCallback"), None)
+    topology = _topology_history(trainer, seft_cb)
+    adapter_report = trained.seft_sparsity_report() if cfg.method in SEFT_METHODS else None
+    merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
+
+    with atomic_output_dir(output, overwrite=job.overwrite) as tmp:
+        adapter_bytes = _save_adapter(cfg.method, trained, Path(tmp))
+        merged_after = ppl_after = None
+        if merge_wanted:
+            merged = merge(job, trained, tokenizer, masks)
+            merged_after = layer_sparsity(merged)
+            save_checkpoint(merged, tokenizer, Path(tmp) / "merged")
+            ppl_after = _held_out_ppl(job, merged, tokenizer)
+        else:
+            ppl_after = _held_out_ppl(job, trained, tokenizer)
+        report = {
+            "model": job.model, "method": cfg.method, "data": cfg.data, "seq_len": cfg.seq_len,
+            "steps": int(trainer.state.global_step), "resumed_from": resume_from,
+            "train_seconds": round(train_seconds, 2),
+            "seconds_per_step": round(train_seconds / max(trainer.state.global_step, 1), 3),
+            "total_seconds": round(time.perf_counter() - t_start, 2),
+            "train_loss": result.training_loss, "trainable_params": trainable, "adapter_bytes": adapter_bytes,
+            "memory": memory, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "sparsity_before": _summary(before), "sparsity_after_merge": _summary(merged_after) if merged_after else None,
+            "sparsity_preserved": (merged_after == before) if merged_after else None,
+            "adapter_sparsity": adapter_report, "topology_updates": topology,
+            "recipe": job.as_recipe(), "log_history": trainer.state.log_history,
+        }
+        write_json(Path(tmp) / REPORT_NAME, report)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _base_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    from .baselines import base_masks
+
+    return base_masks(model)
+
+
+def _summary(per_layer: dict[str, float] | None) -> dict | None:
+    if not per_layer:
+        return None
+    values = list(per_layer.values())
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "per_layer": per_layer}
+
+
+def _topology_history(trainer, seft_cb) -> list[dict]:
+    if seft_cb is not None and seft_cb.history:
+        return list(seft_cb.history)
+    # after a resume the callback only saw the second half; the log history has all of it
+    return [e for e in trainer.state.log_history if any(k.startswith("seft/") for k in e)]
+
+
+def _save_adapter(method: str, trained: nn.Module, folder: Path) -> int | None:
+    """Write the trainable state; returns the adapter file's size in bytes."""
+    if method in SEFT_METHODS or method in ("lora-reprune", "lora-mask"):
+        trained.save_pretrained(folder)
+        return (folder / "adapter_model.safetensors").stat().st_size
+    if method == "masked-lora":
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in trained.state_dict().items() if "lora_" in k}
+        save_file(state, folder / "masked_lora.safetensors")
+        return (folder / "masked_lora.safetensors").stat().st_size
+    return None
+
+
+def ppl_table(report: dict) -> str:
+    """A short markdown summary of a finetune report."""
+    def fmt(p):
+        return "n/a" if not p else f"{p['perplexity']:.2f}"
+
+    rows = [
+        "| stage | held-out ppl | sparsity |",
+        "|---|---|---|",
+        f"| before ({report['method']}) | {fmt(report['perplexity_before'])} | {report['sparsity_before']['mean']:.4f} |",
+    ]
+    after = report["sparsity_after_merge"]["mean"] if report["sparsity_after_merge"] else float("nan")
+    rows.append(f"| after | {fmt(report['perplexity_after'])} | {after if not math.isnan(after) else 'unmerged'} |")
+    return "\n".join(rows)

@@ -1,0 +1,165 @@
+"""`seft finetune`: every method trains and keeps sparsity; recipes; resume; errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from safetensors.torch import load_file
+
+from seft.errors import SeftError
+from seft.finetune import METHODS, FinetuneConfig, FinetuneJob, job_from_recipe, layer_sparsity, run_finetune
+from seft.models import decoder_layers, target_linears
+from seft.sparsity import nm_mask, row_topk_mask
+
+
+def save_pruned_tiny(folder: Path, tokenizer, pattern=None, sparsity=0.5) -> Path:
+    model = build_tiny_model("llama", seed=1)
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for lin in target_linears(layer).values():
+                w = lin.weight
+                mask = nm_mask(w.abs(), *pattern) if pattern else row_topk_mask(w.abs(), sparsity)
+                w.mul_(mask)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny(tmp_path_factory, tiny_tokenizer):
+    return save_pruned_tiny(tmp_path_factory.mktemp("pruned"), tiny_tokenizer)
+
+
+def tiny_job(model: Path, output: Path, data: Path, method: str = "seft", steps: int = 6, **train) -> FinetuneJob:
+    return job_from_recipe({
+        "model": str(model), "output": str(output),
+        "finetune": {"data": str(data), "method": method, "seq_len": 32, "merge": True,
+                     "eval_data": str(data), "eval_seq_len": 32, "eval_windows": 4,
+                     "calibration": str(data), "calibration_samples": 4, "calibration_seq_len": 32},
+        "adapter": {"lora_rank": 2, "update_interval": 2, "stat_window": 1, "revive_fraction": 0.5},
+        "train": {"max_steps": steps, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
+                  "save_steps": 3, "logging_steps": 1, "disable_tqdm": True, **train},
+    })
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keeps_sparsity(method, pruned_tiny, tiny_text_file, tmp_path):
+    report = run_finetune(tiny_job(pruned_tiny, tmp_path / "out", tiny_text_file, method), progress=False)
+    assert report["steps"] == 6
+    assert report["sparsity_preserved"], (report["sparsity_before"], report["sparsity_after_merge"])
+    merged = tmp_path / "out" / "merged"
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert layer_sparsity(plain) == report["sparsity_before"]["per_layer"]
+    saved = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert saved["method"] == method and saved["perplexity_after"]["perplexity"] > 0
+    if method == "seft":
+        assert report["topology_updates"], "SEFT should have updated its topology"
+        assert sum(u["seft/replaced"] for u in report["topology_updates"]) > 0
+    if method == "static":
+        assert not report["topology_updates"]
+    if method in ("seft", "static", "masked-lora", "seft-norevive"):
+        # equal budgets: the SEFT delta and the masked LoRA train r*(in+out) numbers per linear
+        assert report["trainable_params"] == sum(
+            2 * (lin.in_features + lin.out_features) for layer in decoder_layers(plain)
+            for lin in target_linears(layer).values())
+
+
+def test_nm_base_keeps_pattern(tmp_path, tiny_tokenizer, tiny_text_file):
+    base = save_pruned_tiny(tmp_path / "nm", tiny_tokenizer, pattern=(2, 4))
+    report = run_finetune(tiny_job(base, tmp_path / "out", tiny_text_file, "seft"), progress=False)
+    from transformers import AutoModelForCausalLM
+
+    from seft.sparsity import is_nm
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+    for layer in decoder_layers(merged):
+        for lin in target_linears(layer).values():
+            assert is_nm(lin.weight, 2, 4)
+    assert report["sparsity_preserved"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted(pruned_tiny, tiny_text_file, tmp_path):
+    """Kill a run after its step-3 checkpoint, resume it, compare with a run that was never stopped."""
+    from transformers import TrainerCallback
+
+    import seft.finetune as ft
+
+    full = run_finetune(tiny_job(pruned_tiny, tmp_path / "full", tiny_text_file, steps=8), progress=False)
+
+    class KillAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise Interrupt
+
+    original = ft.prepare
+
+    def prepare_with_kill(job, model):
+        trained, callbacks = original(job, model)
+        return trained, [*callbacks, KillAfter()]
+
+    ft.prepare = prepare_with_kill
+    try:
+        with pytest.raises(Interrupt):
+            run_finetune(tiny_job(pruned_tiny, tmp_path / "cut", tiny_text_file, steps=8), progress=False)
+    finally:
+        ft.prepare = original
+    assert not (tmp_path / "cut").exists(), "an interrupted run must leave no output"
+    work = ft.work_dir_for(tmp_path / "cut")
+    assert (work / "checkpoint-3").is_dir()
+    with pytest.raises(SeftError, match="interrupted run; pass --resume"):
+        run_finetune(tiny_job(pruned_tiny, tmp_path / "cut", tiny_text_file, steps=8), progress=False)
+    job = tiny_job(pruned_tiny, tmp_path / "cut", tiny_text_file, steps=8)
+    job.config.resume = True
+    resumed = run_finetune(job, progress=False)
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == 8
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].dtype.is_floating_point:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+    assert not work.exists()
+
+
+def test_recipe_errors(pruned_tiny, tmp_path, tiny_text_file):
+    base = {"model": str(pruned_tiny), "output": str(tmp_path / "o"), "finetune": {"data": str(tiny_text_file)}}
+    with pytest.raises(SeftError, match=r"unknown key 'learnig_rate' in section 'train' \(did you mean learning_rate"):
+        job_from_recipe({**base, "train": {"learnig_rate": 1e-3}})
+    with pytest.raises(SeftError, match=r"unknown key 'revive' in section 'adapter'.*valid keys:"):
+        job_from_recipe({**base, "adapter": {"revive": True}})
+    with pytest.raises(SeftError, match="unknown method 'sft'"):
+        job_from_recipe({**base, "finetune": {"method": "sft"}})
+    with pytest.raises(SeftError, match="density must be in"):
+        job_from_recipe({**base, "adapter": {"density": 1.5, "lora_rank": None}})
+
+
+def test_existing_output_refused(pruned_tiny, tmp_path, tiny_text_file):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SeftError, match="already exists; pass --overwrite"):
+        run_finetune(tiny_job(pruned_tiny, tmp_path / "out", tiny_text_file), progress=False)
+
+
+def test_cli_finetune(pruned_tiny, tmp_path, tiny_text_file, capsys):
+    from seft.cli import main
+
+    rc = main(["finetune", "--model", str(pruned_tiny), "--output", str(tmp_path / "o"), "--data", str(tiny_text_file),
+               "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-data", "none", "--merge",
+               "--lora-rank", "2", "--no-progress"])
+    assert rc == 0 and (tmp_path / "o" / "merged" / "model.safetensors").exists()
+    rc = main(["finetune", "--model", str(pruned_tiny), "--output", str(tmp_path / "o"), "--data", "nope"])
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_default_config_is_valid():
+    assert FinetuneConfig().validate().method == "seft"
