@@ -130,6 +130,8 @@ def test_resume_matches_uninterrupted(pruned_tiny, tiny_text_file, tmp_path):
         else:
             assert torch.equal(a[key], b[key]), key
     assert not work.exists()
+    replaced = [[u["seft/replaced"] for u in r["topology_updates"]] for r in (full, resumed)]
+    assert replaced[0] == replaced[1] and len(replaced[0]) >= 2
 
 
 def test_recipe_errors(pruned_tiny, tmp_path, tiny_text_file):
