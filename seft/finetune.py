@@ -333,8 +333,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - t_train
     memory = peak_memory()
 
-    seft_cb = next((c for c in callbacks if type(c).__name__ == "SeftCallback"), None)
-    topology = _topology_history(trainer, seft_cb)
+    topology = _topology_history(trainer)
     adapter_report = trained.seft_sparsity_report() if cfg.method in SEFT_METHODS else None
     merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
 
@@ -379,11 +378,15 @@ def _summary(per_layer: dict[str, float] | None) -> dict | None:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "per_layer": per_layer}
 
 
-def _topology_history(trainer, seft_cb) -> list[dict]:
-    if seft_cb is not None and seft_cb.history:
-        return list(seft_cb.history)
-    # after a resume the callback only saw the second half; the log history has all of it
-    return [e for e in trainer.state.log_history if any(k.startswith("seft/") for k in e)]
+def _topology_history(trainer) -> list[dict]:
+    """Every topology update of the run, from the Trainer's log history.
+
+    SeftCallback merges each update's statistics into the log entry of its
+    step, and the log history is part of a checkpoint, so a resumed run still
+    reports the updates made before the interruption.
+    """
+    return [{"step": e["step"], **{k: v for k, v in e.items() if k.startswith("seft/")}}
+            for e in trainer.state.log_history if any(k.startswith("seft/") for k in e)]
 
 
 def _save_adapter(method: str, trained: nn.Module, folder: Path) -> int | None:
