@@ -135,6 +135,46 @@ def _prune_linear(name: str, weight: torch.Tensor, stats: InputStatistics | None
     return sparsegpt_prune(weight, stats.hessian, config.sparsity, config.nm, config.blocksize, config.percdamp)
 
 
+def observe_layer(
+    layer: nn.Module, inputs: list[tuple[tuple, dict]], config: PruneConfig, device: torch.device
+) -> dict[str, InputStatistics]:
+    """Run the unpruned `layer` on `inputs` with hooks; statistics keyed by the leader of each input group."""
+    if not config.needs_data:
+        return {}
+    linears = target_linears(layer, tuple(config.targets))
+    stats: dict[str, InputStatistics] = {}
+    handles = []
+    for name in dict.fromkeys(_leaders(list(linears)).values()):
+        stats[name] = InputStatistics(linears[name].in_features, hessian=config.method == "sparsegpt",
+                                      sq_norms=config.method == "wanda", device=device)
+        hook = (lambda s: lambda _m, args, _out: s.add_batch(args[0]))(stats[name])
+        handles.append(linears[name].register_forward_hook(hook))
+    try:
+        _run_layer(layer, inputs, keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def apply_layer(layer: nn.Module, stats: dict[str, InputStatistics], config: PruneConfig) -> dict[str, dict]:
+    """Prune every target linear of `layer` in place; per-module report keyed by qualified name."""
+    linears = target_linears(layer, tuple(config.targets))
+    qualified = linear_names(layer, tuple(config.targets))
+    leader = _leaders(list(linears))
+    modules = {}
+    for name, linear in linears.items():
+        pruned = _prune_linear(name, linear.weight.data, stats.get(leader[name]), config)
+        linear.weight.data.copy_(pruned)
+        modules[qualified[name]] = {
+            "shape": list(linear.weight.shape),
+            "sparsity": sparsity_of(linear.weight.data),
+            "zeros": int((linear.weight.data == 0).sum().item()),
+            "params": linear.weight.numel(),
+        }
+    return modules
+
+
 def check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
     """Fail before any work if an N:M pattern does not divide some layer's in_features."""
     nm = config.nm
@@ -182,34 +222,8 @@ def prune_model(
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
-        linears = target_linears(layer, tuple(config.targets))
-        qualified = linear_names(layer, tuple(config.targets))
-        leader = _leaders(list(linears))
-        stats: dict[str, InputStatistics] = {}
-        if config.needs_data:
-            handles = []
-            for name in set(leader.values()):
-                stats[name] = InputStatistics(
-                    linears[name].in_features, hessian=config.method == "sparsegpt",
-                    sq_norms=config.method == "wanda", device=device,
-                )
-                hook = (lambda s: lambda _m, args, _out: s.add_batch(args[0]))(stats[name])
-                handles.append(linears[name].register_forward_hook(hook))
-            try:
-                _run_layer(layer, inputs, keep=False)
-            finally:
-                for h in handles:
-                    h.remove()
-        modules = {}
-        for name, linear in linears.items():
-            pruned = _prune_linear(name, linear.weight.data, stats.get(leader[name]), config)
-            linear.weight.data.copy_(pruned)
-            modules[qualified[name]] = {
-                "shape": list(linear.weight.shape),
-                "sparsity": sparsity_of(linear.weight.data),
-                "zeros": int((linear.weight.data == 0).sum().item()),
-                "params": linear.weight.numel(),
-            }
+        stats = observe_layer(layer, inputs, config, device)
+        modules = apply_layer(layer, stats, config)
         del stats
         if config.needs_data:  # the last layer too: cheap, and tests compare every layer's output
             inputs = _run_layer(layer, inputs, keep=True)

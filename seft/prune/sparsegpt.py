@@ -15,12 +15,32 @@ never NaN weights.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import SeftError
 from ..sparsity import Pattern, check_sparsity
 
 DAMP_RETRIES = 4
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of tiny ops; on CPU, OpenMP's fork/join per op
+    costs more than the op, and under CPU contention it collapses (measured on
+    SmolLM2's down_proj on a busy 2-core box: 37 s with 2 threads, 0.9 s with 1).
+    The big per-block matmul runs outside this context with all threads."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
@@ -85,18 +105,19 @@ def sparsegpt_prune(
             if n_prune:
                 scores = (w1.pow(2) / d1.pow(2).unsqueeze(0)).flatten()
                 prune1.view(-1)[torch.topk(scores, n_prune, largest=False).indices] = True
-        for i in range(count):
-            col = w1[:, i]  # [out]
-            if pattern is not None and i % pattern[1] == 0:
-                n, m = pattern
-                scores = w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2).unsqueeze(0)  # [out, m]
-                idx = torch.topk(scores, m - n, dim=1, largest=False).indices
-                prune1[:, i : i + m].scatter_(1, idx, True)
-            q = col.masked_fill(prune1[:, i], 0.0)
-            q1[:, i] = q
-            e = (col - q) / d1[i]  # [out]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+        with _one_cpu_thread(w.device):
+            for i in range(count):
+                col = w1[:, i]  # [out]
+                if pattern is not None and i % pattern[1] == 0:
+                    n, m = pattern
+                    scores = w1[:, i : i + m].pow(2) / d1[i : i + m].pow(2).unsqueeze(0)  # [out, m]
+                    idx = torch.topk(scores, m - n, dim=1, largest=False).indices
+                    prune1[:, i : i + m].scatter_(1, idx, True)
+                q = col.masked_fill(prune1[:, i], 0.0)
+                q1[:, i] = q
+                e = (col - q) / d1[i]  # [out]
+                w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+                err1[:, i] = e
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
