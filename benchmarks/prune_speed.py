@@ -87,7 +87,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--repeats", type=int, default=3 if cuda else 1)
-    p.add_argument("--smollm2-samples", type=int, default=128 if cuda else 16)
+    p.add_argument("--smollm2-samples", type=int, default=128 if cuda else 8)
     p.add_argument("--smollm2-seq-len", type=int, default=2048 if cuda else 256)
     p.add_argument("--llama-samples", type=int, default=128 if cuda else 4)
     p.add_argument("--llama-seq-len", type=int, default=2048 if cuda else 256)

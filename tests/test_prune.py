@@ -170,7 +170,7 @@ def test_engine_prunes_every_target_and_reports(tiny_llama, tiny_tokenizer, tiny
 )
 def test_bad_config_is_clear(kwargs, message):
     with pytest.raises(SeftError, match=message):
-        PruneConfig(**kwargs).validate()
+        PruneConfig(**{"sparsity": 0.5, **kwargs}).validate()
 
 
 def test_nm_that_does_not_fit_a_layer(tiny_llama, tiny_tokenizer):

@@ -113,4 +113,4 @@ def test_ctrl_c_mid_run_leaves_no_loadable_output(tiny_dir, tmp_path, tiny_text_
 def test_prune_checkpoint_checks_output_before_loading(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(SeftError, match="already exists"):
-        prune_checkpoint("./not-a-model", tmp_path / "out", PruneConfig(method="magnitude"))
+        prune_checkpoint("./not-a-model", tmp_path / "out", PruneConfig(method="magnitude", sparsity=0.5))

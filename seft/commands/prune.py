@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="output folder (required without a recipe)")
     p.add_argument("--calibration", help=f"calibration text source (default: {D.calibration}); ignored by magnitude")
     p.add_argument("--num-samples", type=int, help=f"calibration windows (default: {D.num_samples})")
-    p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {D.seq_len})")
+    p.add_argument("--seq-len", type=int,
+                   help=f"tokens per calibration window (default: {D.seq_len}; 256 is plenty for a quick CPU run)")
     p.add_argument("--seed", type=int, help=f"calibration sampling seed (default: {D.seed})")
     p.add_argument("--device", help=f"where each layer is pruned: cpu, cuda, cuda:N (default: {D.device})")
     p.add_argument("--dtype", help="load/save dtype: float32, bfloat16, float16 (default: as stored)")
@@ -72,8 +73,6 @@ def job_from_args(args: argparse.Namespace) -> PruneJob:
     if args.method is None or args.output is None:
         raise SeftError("give --method and --output (or a recipe file); "
                         f"methods: {', '.join(METHODS)}")
-    if "sparsity" not in given and args.pattern is not None and args.pattern.lower() != "unstructured":
-        given["sparsity"] = None  # implied by N:M
     config = PruneConfig(**given).validate()
     return PruneJob(args.model or DEFAULT_MODEL, args.output, config, args.overwrite)
 

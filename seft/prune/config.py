@@ -25,7 +25,7 @@ class PruneConfig:
     """
 
     method: str = "wanda"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None
     pattern: str | None = "unstructured"
     calibration: str = "wiki"
     num_samples: int = 128
