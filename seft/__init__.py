@@ -43,5 +43,9 @@ def _register_with_peft() -> None:
 
 
 import importlib.util  # noqa: E402
+import logging  # noqa: E402
 
+# bitsandbytes (imported by peft) warns on every CPU start that it cannot fetch an
+# optional kernel from the hub; this project runs offline, so the line is only noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 _register_with_peft()

@@ -158,8 +158,16 @@ def job_from_recipe(recipe: dict) -> FinetuneJob:
     job = FinetuneJob(str(recipe["model"]), str(recipe["output"]), config, dict(recipe.get("adapter") or {}),
                       dict(recipe.get("train") or {}), bool(recipe.get("overwrite", False)))
     job.seft_config()  # strict check of adapter:
-    training_arguments(job, Path("/nonexistent-seft-validate"))  # strict check of train:
+    _check_train_keys(job.train)  # keys only: TrainingArguments checks the hardware (bf16 needs a GPU)
     return job
+
+
+def _check_train_keys(train: dict) -> None:
+    from transformers import TrainingArguments
+
+    from .recipe import check_keys
+
+    check_keys(train, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "train")
 
 
 # --- Trainer wiring -------------------------------------------------------------------
@@ -174,7 +182,10 @@ def training_arguments(job: FinetuneJob, work_dir: Path):
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     if int(kwargs.get("max_steps", -1)) <= 0:
         raise SeftError("train.max_steps must be a positive number of optimizer steps (SEFT's schedule needs it)")
-    return _build(TrainingArguments, {"output_dir": str(work_dir), **kwargs}, "train")
+    try:
+        return _build(TrainingArguments, {"output_dir": str(work_dir), **kwargs}, "train")
+    except ValueError as exc:  # e.g. bf16 asked for on a machine without support
+        raise SeftError(f"train settings rejected by transformers: {str(exc).splitlines()[0]}") from None
 
 
 class MaskCallback:
