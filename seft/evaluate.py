@@ -259,7 +259,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     for task, metrics in sorted((lm.get("results") or {}).items()):
         n = n_samples.get(task, {}).get("effective", "")
         for key, value in metrics.items():
-            if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)):
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):  # skip alias, sample_len
                 continue
             metric = key.split(",")[0]
             err = metrics.get(f"{metric}_stderr,{key.split(',', 1)[1]}") if "," in key else None
