@@ -74,14 +74,16 @@ def test_smollm2_wanda50_seft_repairs(smollm2_wanda50, tmp_path):
     from seft.perplexity import perplexity
 
     torch.manual_seed(0)
+    t_start = time.perf_counter()
     model, tok = load_model(smollm2_wanda50)
     before = {n: int((w != 0).sum()) for n, w in proj_weights(model).items()}
     pruned = perplexity(model, tok, "wiki", seq_len=256, max_windows=32, progress=False)
+    print(f"\nSEFT-INTEGRATION pruned ppl {pruned.perplexity:.3f} in {pruned.seconds:.1f}s", flush=True)
     pm = peft.get_peft_model(model, seft.SeftConfig(lora_rank=8, update_interval=10, stat_window=3,
                                                     evolve_until=0.75))
     blocks = packed_blocks(tok, "wiki", 128, "train")
     steps = 40
-    trainer, callback = _trainer(pm, blocks, tmp_path / "run", steps=steps, bsz=4, lr=2e-3)
+    trainer, callback = _trainer(pm, blocks, tmp_path / "run", steps=steps, bsz=2, lr=2e-3)
     t0 = time.perf_counter()
     trainer.train()
     per_step = (time.perf_counter() - t0) / steps
@@ -92,7 +94,7 @@ def test_smollm2_wanda50_seft_repairs(smollm2_wanda50, tmp_path):
                    "totals %s", pruned.perplexity, repaired.perplexity, steps, per_step, len(hist), totals)
     print(f"\nSEFT-INTEGRATION pruned={pruned.perplexity:.3f} seft={repaired.perplexity:.3f} "
           f"steps={steps} s_per_step={per_step:.2f} updates={len(hist)} totals={totals} "
-          f"sparsity={pm.seft_sparsity_report()['sparsity']:.5f}")
+          f"sparsity={pm.seft_sparsity_report()['sparsity']:.5f} total_s={time.perf_counter() - t_start:.0f}")
     assert repaired.perplexity < pruned.perplexity
     assert totals["replaced"] > 0 and totals["revived"] > 0 and totals["repruned"] > 0
     merged = pm.merge_and_unload()
