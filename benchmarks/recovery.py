@@ -214,6 +214,19 @@ def plot(runs: list[dict], bases: list[dict], args, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(runs: list[dict], bases: list[dict], lrs: dict, args, t0: float, final: bool = False) -> None:
+    """Rewrite the table after every run, so an interrupted benchmark still leaves its results."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = write_table(runs, bases, lrs, args, time.perf_counter() - t0)
+    if not final:
+        table = table.replace("# Repair benchmark (SmolLM2-135M)", "# Repair benchmark (SmolLM2-135M) — PARTIAL, still running", 1)
+    (RESULTS / "recovery.md").write_text(table)
+    (RESULTS / "recovery.json").write_text(json.dumps({"runs": runs, "pruned": bases, "lrs": lrs}, indent=1))
+    if final:
+        plot(runs, bases, args, RESULTS / "recovery.png")
+        print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -268,6 +281,7 @@ def main() -> None:
         best = min(trials, key=lambda r: r["wiki_ppl"])
         lrs[method] = best["lr"]
         runs.append(best)
+        save(runs, bases, lrs, args, t0)
     for setting in args.settings:
         seeds = args.seeds if setting == first else args.seeds[: args.other_seeds]
         for method in args.methods:
@@ -278,14 +292,8 @@ def main() -> None:
                 print(f"{setting} {method} seed {seed}: wiki {r['wiki_ppl']:.2f} news {r['news_ppl']:.2f} "
                       f"acc {r['task_acc']}", flush=True)
                 runs.append(r)
-    seconds = time.perf_counter() - t0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table = write_table(runs, bases, lrs, args, seconds)
-    (RESULTS / "recovery.md").write_text(table)
-    (RESULTS / "recovery.json").write_text(json.dumps({"runs": runs, "pruned": bases, "lrs": lrs}, indent=1))
-    plot(runs, bases, args, RESULTS / "recovery.png")
-    print(table)
-
+                save(runs, bases, lrs, args, t0)
+    save(runs, bases, lrs, args, t0, final=True)
 
 if __name__ == "__main__":
     main()
