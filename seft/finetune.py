@@ -80,6 +80,8 @@ class FinetuneConfig:
                 raise SeftError(f"{name} must be at least 2, got {getattr(self, name)}")
         if self.eval_windows is not None and int(self.eval_windows) < 1:
             raise SeftError(f"eval_windows must be >= 1 or null (all), got {self.eval_windows}")
+        if self.load_in_4bit and self.method not in SEFT_METHODS:
+            raise SeftError(f"load_in_4bit supports the methods {', '.join(SEFT_METHODS)}, not {self.method}")
         return self
 
 
@@ -257,6 +259,14 @@ def merge(job: FinetuneJob, trained: nn.Module, tokenizer, base_masks: dict[str,
     return merged
 
 
+def _merge_on_fp(job: FinetuneJob, adapter_dir: Path) -> nn.Module:
+    """QSEFT merge: the saved adapter onto the *unquantized* pruned checkpoint (never the NF4 weights)."""
+    import peft
+
+    base, _ = load_model(job.model, dtype=job.config.dtype)
+    return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
 def base_sparsity_and_pattern(masks: dict[str, torch.Tensor]) -> tuple[float, str]:
     """The base's sparsity over target linears, and its N:M pattern if every layer has one."""
     from .sparsity import detect_nm, format_pattern
@@ -270,10 +280,12 @@ def base_sparsity_and_pattern(masks: dict[str, torch.Tensor]) -> tuple[float, st
 
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
     """{'3.mlp.down_proj': sparsity} over the target linears."""
+    from .tuner.quant import is_4bit, topology_weight
+
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in target_linears(layer).items():
-            w = lin.weight
+            w = topology_weight(lin) if is_4bit(lin) else lin.weight  # 4-bit: the fp checkpoint's zeros
             out[f"{i}.{name}"] = 1.0 - float((w != 0).sum()) / w.numel()
     return out
 
@@ -326,8 +338,8 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
         args.disable_tqdm = True
 
     t_start = time.perf_counter()
-    model, tokenizer = load_model(job.model, dtype=cfg.dtype)
-    masks = {k: m for k, m in _base_masks(model).items()}
+    model, tokenizer = load_model(job.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
+    masks = {} if cfg.load_in_4bit else _base_masks(model)  # 4-bit: SEFT methods only, which need none
     before = layer_sparsity(model)
     dataset = training_dataset(tokenizer, cfg.data, cfg.seq_len, "train")
     ppl_before = _held_out_ppl(job, model, tokenizer)
@@ -352,7 +364,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
         adapter_bytes = _save_adapter(cfg.method, trained, Path(tmp))
         merged_after = ppl_after = None
         if merge_wanted:
-            merged = merge(job, trained, tokenizer, masks)
+            merged = _merge_on_fp(job, Path(tmp)) if cfg.load_in_4bit else merge(job, trained, tokenizer, masks)
             merged_after = layer_sparsity(merged)
             save_checkpoint(merged, tokenizer, Path(tmp) / "merged")
             ppl_after = _held_out_ppl(job, merged, tokenizer)

@@ -145,11 +145,13 @@ def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    load_in_4bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a supported causal LM and its tokenizer, ready for eval.
 
     `name_or_path`: a local folder, the alias `smollm2-135m`, or a hub id.
     `dtype`: None keeps the stored dtype.
+    `load_in_4bit`: bitsandbytes NF4 linears for QSEFT (see `_load_4bit`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -160,14 +162,68 @@ def load_model(
         raise SeftError(f"could not load a model config from {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     check_supported(config)
     torch_dtype = parse_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype if torch_dtype else "auto")
+    if load_in_4bit:
+        model = _load_4bit(path, torch_dtype, device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype if torch_dtype else "auto")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
+    if device is not None and not load_in_4bit:
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _load_4bit(path: str, dtype: torch.dtype | None, device: str | torch.device | None) -> PreTrainedModel:
+    """NF4 linears (bitsandbytes), everything else in `dtype` (default fp32), for QSEFT.
+
+    Each quantized linear gets `seft_fp_patch` from the *unquantized* checkpoint
+    tensor (seft/tuner/quant.py explains why), and bitsandbytes' in-place CPU
+    inference repack is switched off: it fires on any eval-mode no-grad forward
+    (e.g. the perplexity before training), rounds the scales to bf16 and its
+    matmul has no input gradient, so training after it would break.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .tuner.quant import attach_fp_patch, is_4bit
+
+    compute = dtype or torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True)
+    kwargs = {"device_map": {"": torch.device(device)}} if device is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=compute, quantization_config=quant, **kwargs)
+    read = checkpoint_reader(path)
+    patched = 0
+    for name, module in model.named_modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+            patched += attach_fp_patch(module, read(f"{name}.weight"))
+    logger.info("4-bit NF4 base: %d surviving weights rounded to 0 by NF4 are kept in the SEFT mask", patched)
+    return model
+
+
+def checkpoint_reader(path: str):
+    """`read(key) -> tensor` over a checkpoint's safetensors files, one tensor at a time (no full load)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: the files transformers just cached
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    where: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+
+    def read(key: str) -> torch.Tensor:
+        if key not in where:
+            raise SeftError(f"{key} is not in the safetensors files of {path}; the 4-bit mask needs them")
+        with safe_open(where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    return read
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> None:

@@ -70,3 +70,51 @@ class SparseDeltaLinear(torch.autograd.Function):
 def seft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
                 indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None = None) -> torch.Tensor:
     return SparseDeltaLinear.apply(x, weight, bias, values, indices, removed, sink)
+
+
+def delta_weight(shape: torch.Size, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
+                 removed_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """D (dense, `dtype`): `values` at `indices`, minus the base's value at `removed` (zeroing it)."""
+    flat = torch.zeros(shape.numel(), dtype=dtype, device=values.device)
+    if removed.numel():
+        flat.index_add_(0, removed.long(), -removed_base.detach().to(dtype))
+    flat.index_add_(0, indices.long(), values.detach().to(dtype))
+    return flat.view(shape)
+
+
+class SparseDelta(torch.autograd.Function):
+    """y = x @ D^T for a quantized base whose own matmul runs separately (QSEFT, see quant.py).
+
+    Saves `x` (which the base's matmul saves too: same storage) and O(k) tensors;
+    backward rebuilds D for `grad_x` and forms `G = g^T x` for `grad_values` and the window.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
+                removed_base: torch.Tensor, shape: torch.Size, sink: GradSink | None) -> torch.Tensor:
+        out = F.linear(x, delta_weight(shape, values, indices, removed, removed_base, x.dtype))
+        ctx.save_for_backward(x, values, indices, removed, removed_base)
+        ctx.shape, ctx.sink = shape, sink
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, values, indices, removed, removed_base = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ delta_weight(ctx.shape, values, indices, removed, removed_base,
+                                              grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.sink is not None:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            dense = (g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).float()  # [out, in]: G, transient
+            if ctx.sink is not None:
+                ctx.sink(dense)
+            if ctx.needs_input_grad[1]:
+                grad_values = dense.reshape(-1)[indices.long()]
+            del dense
+        return grad_x, grad_values, None, None, None, None, None
+
+
+def sparse_delta(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
+                 removed_base: torch.Tensor, shape: torch.Size, sink: GradSink | None = None) -> torch.Tensor:
+    return SparseDelta.apply(x, values, indices, removed, removed_base, shape, sink)

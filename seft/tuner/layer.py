@@ -37,7 +37,9 @@ from torch import nn
 from ..errors import SeftError
 from ..sparsity import Pattern, detect_nm, index_dtype
 from . import topology as T
-from .function import effective_weight, seft_linear
+from .function import effective_weight, seft_linear, sparse_delta
+from .quant import is_4bit
+from .quant import topology_weight as quantized_topology_weight
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class WindowAccumulator:
     def _choose(self, g: torch.Tensor) -> None:
         layer, a = self.layer, self.adapter
         meta = layer.seft_meta[a]
-        w = layer.get_base_layer().weight.reshape(-1)
+        w = layer.topology_weight().reshape(-1)
         removed = layer.seft_removed[a]
         slot_mask = T.flat_mask(layer.seft_indices[a], w.numel())
         base = T.base_active_mask(w, removed)
@@ -135,6 +137,7 @@ class SeftLayer(BaseTunerLayer):
         self.seft_meta: dict[str, LayerMeta] = {}
         self.seft_window: dict[str, WindowAccumulator] = {}
         self._seft_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seft_removed_base: tuple[torch.Tensor, int, torch.Tensor] | None = None  # 4-bit: W_q[removed]
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
@@ -146,8 +149,8 @@ class SeftLayer(BaseTunerLayer):
     @torch.no_grad()
     def update_layer(self, adapter_name: str, config, layer_key: str = "") -> None:
         """Create adapter `adapter_name`: n from the base, k from the budget, seeded initial slots."""
-        weight = self.get_base_layer().weight
-        flat = weight.detach().reshape(-1)
+        weight = self.topology_weight()
+        flat = weight.reshape(-1)
         active = flat != 0
         n = int(active.sum().item())
         k = config.budget(self.out_features, self.in_features)
@@ -168,6 +171,22 @@ class SeftLayer(BaseTunerLayer):
         cands = int(config.candidates) if config.candidates is not None else k
         self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands)
         self.set_adapter(self.active_adapters)
+
+    def topology_weight(self) -> torch.Tensor:
+        """The dense base weight topology decisions read (detached; for a 4-bit base see quant.py)."""
+        base = self.get_base_layer()
+        return quantized_topology_weight(base) if is_4bit(base) else base.weight.detach()
+
+    def removed_base_values(self, removed: torch.Tensor) -> torch.Tensor:
+        """4-bit base: the dequantized weights at `removed`, cached until `removed` changes."""
+        cached = self._seft_removed_base
+        if cached is None or cached[0] is not removed or cached[1] != removed._version:
+            from .quant import dequantize
+
+            with torch.no_grad():
+                values = dequantize(self.get_base_layer()).reshape(-1)[removed.long()].float()
+            self._seft_removed_base = cached = (removed, removed._version, values)
+        return cached[2]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move devices only: values stay fp32 and integer state stays integer."""
@@ -221,12 +240,19 @@ class Linear(nn.Module, SeftLayer):
         values, indices, removed = self.seft_state(adapter)
         window = self.seft_window.get(adapter)
         sink = window if (window is not None and torch.is_grad_enabled()) else None
+        if is_4bit(base):  # bnb's matmul (its own grad_x) + the delta's contribution
+            shape = torch.Size((self.out_features, self.in_features))
+            delta = sparse_delta(x, values, indices, removed, self.removed_base_values(removed), shape, sink)
+            return base(x, *args, **kwargs) + delta.to(x.dtype)
         return seft_linear(x, base.weight, base.bias, values, indices, removed, sink)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W <- W_eff (removed zeroed, delta added); keeps a backup of removed weights for unmerge."""
         base = self.get_base_layer()
+        if is_4bit(base):
+            raise SeftError("a 4-bit base cannot take the merge; merge onto the unquantized checkpoint: "
+                            "PeftModel.from_pretrained(seft.load_model(path)[0], adapter).merge_and_unload()")
         for adapter in adapter_names or self.active_adapters:
             if adapter not in self.seft_values or adapter in self.merged_adapters:
                 continue

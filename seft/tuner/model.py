@@ -200,7 +200,7 @@ class SeftModel(BaseTuner):
                 continue
             meta = layer.seft_meta[adapter]
             values, indices, removed = layer.seft_state(adapter)
-            weight = layer.get_base_layer().weight.detach().reshape(-1)
+            weight = layer.topology_weight().reshape(-1)
             res = T.evolve(weight, values.detach(), indices, removed, stats, T.replace_count(p, meta.k), meta.n,
                            cfg.revive_fraction, cfg.sensitivity, nm=bool(meta.nm))
             indices.copy_(res.indices)
@@ -231,7 +231,7 @@ class SeftModel(BaseTuner):
         layers, tot_numel, tot_active, tot_n = {}, 0, 0, 0
         for name, layer in self.seft_layers(adapter).items():
             _, indices, removed = layer.seft_state(adapter)
-            weight = layer.get_base_layer().weight.detach().reshape(-1)
+            weight = layer.topology_weight().reshape(-1)
             base = T.base_active_mask(weight, removed)
             revived = int((~base[indices.long()]).sum().item())
             base[indices.long()] = True
