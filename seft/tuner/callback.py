@@ -21,6 +21,7 @@ handler's list do not see them; insert the callback first
 from __future__ import annotations
 
 import logging
+import os
 
 from transformers import TrainerCallback
 
@@ -37,6 +38,22 @@ def find_seft_model(model):
     raise SeftError("SeftCallback needs a model wrapped by peft.get_peft_model(model, seft.SeftConfig(...))")
 
 
+FSDP_ERROR = ("SEFT does not support FSDP: its slots are flat indices into whole weight matrices, which FSDP "
+              "shards; train with DDP instead (torchrun / accelerate launch without --fsdp / fsdp_config)")
+
+
+def fsdp_in_use(args=None, model=None) -> bool:
+    """True if the Trainer args, accelerate's launcher or the model itself use FSDP (1 or 2)."""
+    if args is not None and getattr(args, "fsdp", None):  # TrainingArguments.fsdp: [] unless FSDP is on
+        return True
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return True
+    if model is not None:
+        names = {"FullyShardedDataParallel", "FSDPModule"}
+        return any(any(c.__name__ in names for c in type(m).__mro__) for m in model.modules())
+    return False
+
+
 class SeftCallback(TrainerCallback):
     """Calls the SEFT model API at the right Trainer events; keeps no training logic."""
 
@@ -46,6 +63,8 @@ class SeftCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if fsdp_in_use(args, model):
+            raise SeftError(FSDP_ERROR)
         seft = find_seft_model(model)
         if optimizer is not None:
             seft.seft_check_optimizer(optimizer)
