@@ -10,6 +10,10 @@ Per adapter the layer holds (all in the state dict, saved by `save_pretrained`):
 `n` (the layer's fixed active count) and the N:M pattern are *derived* from
 the frozen base weight at creation, so they need no storage.
 
+A bitsandbytes 4-bit base (QSEFT) is accepted too: topology reads
+`topology_weight()` (dequantized, with the fp checkpoint's zero pattern) and
+the forward adds a delta-only Function to bnb's matmul; see quant.py.
+
 This module exposes state and a statistics accumulator; it decides nothing
 about topology (that is `model.py`, with the math in `topology.py`).
 
