@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,13 @@ def test_cli_finetune(pruned_tiny, tmp_path, tiny_text_file, capsys):
 
 def test_default_config_is_valid():
     assert FinetuneConfig().validate().method == "seft"
+
+
+def test_bnb_8bit_adamw_run(pruned_tiny, tiny_text_file, tmp_path):
+    """bitsandbytes 8-bit AdamW trains through topology updates (its state is re-seeded at regrown slots)."""
+    pytest.importorskip("bitsandbytes")
+    report = run_finetune(tiny_job(pruned_tiny, tmp_path / "o", tiny_text_file, steps=6, optim="adamw_bnb_8bit"),
+                          progress=False)
+    assert report["steps"] == 6 and report["sparsity_preserved"]
+    assert sum(u["seft/replaced"] for u in report["topology_updates"]) > 0
+    assert math.isfinite(report["train_loss"])

@@ -28,6 +28,7 @@ from .topology import seeded_moments
 
 TORCH_ADAM = (torch.optim.Adam, torch.optim.AdamW)
 BNB_8BIT = ("Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit")
+BNB_ADAM = ("Adam", "AdamW", "PagedAdam", "PagedAdamW")  # 8-bit when built with optim_bits=8 (Trainer's adamw_bnb_8bit)
 SUPPORTED = "torch Adam/AdamW (incl. foreach/fused), bitsandbytes Adam8bit/AdamW8bit, or stateless SGD"
 
 
@@ -41,7 +42,10 @@ def unwrap_optimizer(optimizer):
 
 
 def _is_bnb_8bit(opt) -> bool:
-    return type(opt).__name__ in BNB_8BIT and type(opt).__module__.startswith("bitsandbytes")
+    if not type(opt).__module__.startswith("bitsandbytes"):
+        return False
+    name = type(opt).__name__
+    return name in BNB_8BIT or (name in BNB_ADAM and getattr(getattr(opt, "args", None), "optim_bits", 32) == 8)
 
 
 def _is_stateless(opt) -> bool:
