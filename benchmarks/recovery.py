@@ -154,7 +154,8 @@ def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: f
          if args.lr_search else "Learning rates (fixed, no search in this run): ")
         + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
         + f". Seeds: {args.seeds} on {args.settings[0]}, {args.seeds[: args.other_seeds]} on the other settings; "
-        f"tasks on {args.settings[0]} seed {args.seeds[0]} only (CPU time).",
+        + (f"tasks on {args.settings[0]} seed {args.seeds[0]} only" if args.tasks else "no task evaluation in this run")
+        + f"; methods on the other settings: {', '.join(args.other_methods)} (CPU time).",
         "",
         "| setting | method | wiki ppl | news ppl | task acc | s/step | peak RSS GiB | adapter MiB | trainable | sparsity after merge |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -244,6 +245,8 @@ def main() -> None:
     p.add_argument("--no-tasks", dest="tasks", action="store_false")
     p.add_argument("--other-seeds", type=int, default=1,
                    help="settings after the first run only the first N of --seeds (CPU time); the first runs all")
+    p.add_argument("--other-methods", default=None,
+                   help="methods run on the settings after the first (default: all of --methods)")
     p.add_argument("--lr-search", action="store_true", help="pick each method's lr from LR_GRID on the first run")
     args = p.parse_args()
     if args.one:
@@ -251,6 +254,7 @@ def main() -> None:
         return
     args.settings = args.settings.split(",")
     args.methods = args.methods.split(",")
+    args.other_methods = args.other_methods.split(",") if args.other_methods else args.methods
     args.seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -284,7 +288,7 @@ def main() -> None:
         save(runs, bases, lrs, args, t0)
     for setting in args.settings:
         seeds = args.seeds if setting == first else args.seeds[: args.other_seeds]
-        for method in args.methods:
+        for method in args.methods if setting == first else args.other_methods:
             for seed in seeds:
                 if setting == first and seed == seed0:
                     continue  # already run in the search
