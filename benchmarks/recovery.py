@@ -147,7 +147,7 @@ def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: f
         "",
         "Perplexity: held-out split, SparseGPT protocol, seq_len 256, first "
         f"{args.eval_windows} windows (wiki: 10 held-out articles; news: 30 held-out articles). "
-        f"Task acc: mean accuracy over the 4 BIG-bench tasks of eval/offline.yaml"
+        f"Task acc: mean accuracy over the BIG-bench tasks of eval/offline.yaml"
         + (f" (first {args.task_limit} items each)" if args.task_limit else "") + ". mean ± sample std over seeds.",
         "",
         (f"Learning rates (searched on {args.settings[0]} seed {args.seeds[0]}, wiki ppl): "
