@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("1/3 pruning SmolLM2-135M with Wanda to 50%%")
     pruned = out / "wanda50"
     prune_checkpoint("smollm2-135m", pruned, PruneConfig(method="wanda", sparsity=0.5, calibration="wiki",
-                                                         num_samples=32, seq_len=256).validate(), overwrite=True)
+                                                         num_samples=16, seq_len=256).validate(), overwrite=True)
     logger.info("2/3 repairing with SEFT for %d steps", args.steps)
     repaired = out / "wanda50-seft"
     report = run_finetune(job_from_recipe({
