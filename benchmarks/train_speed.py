@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("seft", "lora", "full-masked")
 SETUPS = {
-    "cpu": dict(batch=2, seq=128, warmup=2, steps=10, update_interval=4, stat_window=2, dtype="float32"),
+    "cpu": dict(batch=2, seq=128, warmup=1, steps=8, update_interval=4, stat_window=2, dtype="float32"),
     "gpu": dict(batch=2, seq=2048, warmup=3, steps=20, update_interval=5, stat_window=2, dtype="bfloat16"),
 }
 
