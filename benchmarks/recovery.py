@@ -147,8 +147,10 @@ def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: f
         "",
         "Perplexity: held-out split, SparseGPT protocol, seq_len 256, first "
         f"{args.eval_windows} windows (wiki: 10 held-out articles; news: 30 held-out articles). "
-        f"Task acc: mean accuracy over the BIG-bench tasks of eval/offline.yaml"
-        + (f" (first {args.task_limit} items each)" if args.task_limit else "") + ". mean ± sample std over seeds.",
+        + ("Task acc: mean accuracy over the BIG-bench tasks of eval/offline.yaml"
+           + (f" (first {args.task_limit} items each). " if args.task_limit else ". ") if args.tasks else "")
+        + "mean ± sample std over seeds. s/step and peak RSS were measured while other jobs shared the 2 cores: "
+        "compare them within a row group only; benchmarks/train_speed.py measures speed and memory properly.",
         "",
         (f"Learning rates (searched on {args.settings[0]} seed {args.seeds[0]}, wiki ppl): "
          if args.lr_search else "Learning rates (fixed, no search in this run): ")
@@ -222,7 +224,8 @@ def save(runs: list[dict], bases: list[dict], lrs: dict, args, t0: float, final:
     if not final:
         table = table.replace("# Repair benchmark (SmolLM2-135M)", "# Repair benchmark (SmolLM2-135M) — PARTIAL, still running", 1)
     (RESULTS / "recovery.md").write_text(table)
-    (RESULTS / "recovery.json").write_text(json.dumps({"runs": runs, "pruned": bases, "lrs": lrs}, indent=1))
+    (RESULTS / "recovery.json").write_text(json.dumps({"runs": runs, "pruned": bases, "lrs": lrs,
+                                                       "seconds": time.perf_counter() - t0}, indent=1))
     if final:
         plot(runs, bases, args, RESULTS / "recovery.png")
         print(table)
@@ -247,6 +250,8 @@ def main() -> None:
                    help="settings after the first run only the first N of --seeds (CPU time); the first runs all")
     p.add_argument("--other-methods", default=None,
                    help="methods run on the settings after the first (default: all of --methods)")
+    p.add_argument("--table-only", action="store_true",
+                   help="rewrite recovery.md/png from recovery.json (same other arguments as the run)")
     p.add_argument("--lr-search", action="store_true", help="pick each method's lr from LR_GRID on the first run")
     args = p.parse_args()
     if args.one:
@@ -257,6 +262,10 @@ def main() -> None:
     args.other_methods = args.other_methods.split(",") if args.other_methods else args.methods
     args.seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
+    if args.table_only:
+        saved = json.loads((RESULTS / "recovery.json").read_text())
+        save(saved["runs"], saved["pruned"], saved["lrs"], args, t0 - saved.get("seconds", 0), final=True)
+        return
     WORK.mkdir(parents=True, exist_ok=True)
     pruned = {s: prune_setting(s, args) for s in args.settings}
     bases = [base_row("dense", "smollm2-135m", args, args.tasks)]
