@@ -155,7 +155,8 @@ def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: f
         (f"Learning rates (searched on {args.settings[0]} seed {args.seeds[0]}, wiki ppl): "
          if args.lr_search else "Learning rates (fixed, no search in this run): ")
         + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items())
-        + f". Seeds: {args.seeds} on {args.settings[0]}, {args.seeds[: args.other_seeds]} on the other settings; "
+        + f". Seeds: {args.seeds} on {args.settings[0]} for {', '.join(args.seed_methods)} (other methods seed "
+        f"{args.seeds[0]}), {args.seeds[: args.other_seeds]} on the other settings; "
         + (f"tasks on {args.settings[0]} seed {args.seeds[0]} only" if args.tasks else "no task evaluation in this run")
         + f"; methods on the other settings: {', '.join(args.other_methods)} (CPU time).",
         "",
@@ -250,6 +251,10 @@ def main() -> None:
                    help="settings after the first run only the first N of --seeds (CPU time); the first runs all")
     p.add_argument("--other-methods", default=None,
                    help="methods run on the settings after the first (default: all of --methods)")
+    p.add_argument("--seed-methods", default=None,
+                   help="methods that get the extra seeds on the first setting (default: all of --methods)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs (and pruned-model rows) already in recovery.json instead of re-running them")
     p.add_argument("--table-only", action="store_true",
                    help="rewrite recovery.md/png from recovery.json (same other arguments as the run)")
     p.add_argument("--lr-search", action="store_true", help="pick each method's lr from LR_GRID on the first run")
@@ -260,6 +265,7 @@ def main() -> None:
     args.settings = args.settings.split(",")
     args.methods = args.methods.split(",")
     args.other_methods = args.other_methods.split(",") if args.other_methods else args.methods
+    args.seed_methods = args.seed_methods.split(",") if args.seed_methods else args.methods
     args.seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     if args.table_only:
@@ -267,9 +273,18 @@ def main() -> None:
         save(saved["runs"], saved["pruned"], saved["lrs"], args, t0 - saved.get("seconds", 0), final=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    saved = json.loads((RESULTS / "recovery.json").read_text()) if args.resume else {"runs": [], "pruned": []}
     pruned = {s: prune_setting(s, args) for s in args.settings}
-    bases = [base_row("dense", "smollm2-135m", args, args.tasks)]
-    bases += [base_row(s, pruned[s], args, args.tasks and s == args.settings[0]) for s in args.settings]
+    old_bases = {b["setting"]: b for b in saved["pruned"]}
+    bases = [old_bases.get("dense") or base_row("dense", "smollm2-135m", args, args.tasks)]
+    bases += [old_bases.get(s) or base_row(s, pruned[s], args, args.tasks and s == args.settings[0])
+              for s in args.settings]
+    done = {(r["setting"], r["method"], r["seed"], r["lr"]): r for r in saved["runs"]}
+
+    def launch_or_reuse(run_spec: dict) -> dict:
+        key = (run_spec["setting"], run_spec["method"], run_spec["seed"], run_spec["lr"])
+        return done[key] if key in done else launch(run_spec)
+
     print(f"pruned + baselines evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def spec(setting, method, seed, lr):
@@ -287,7 +302,7 @@ def main() -> None:
         grid = LR_GRID[family(method)] if args.lr_search else LR_GRID[family(method)][-1:]
         trials = []
         for lr in grid:
-            r = launch(spec(first, method, seed0, lr))
+            r = launch_or_reuse(spec(first, method, seed0, lr))
             print(f"{first} {method} seed {seed0} lr={lr:g}: wiki {r['wiki_ppl']:.2f} news {r['news_ppl']:.2f} "
                   f"acc {r['task_acc']}", flush=True)
             trials.append(r)
@@ -299,14 +314,15 @@ def main() -> None:
         seeds = args.seeds if setting == first else args.seeds[: args.other_seeds]
         for method in args.methods if setting == first else args.other_methods:
             for seed in seeds:
-                if setting == first and seed == seed0:
-                    continue  # already run in the search
-                r = launch(spec(setting, method, seed, lrs[method]))
+                if setting == first and (seed == seed0 or method not in args.seed_methods):
+                    continue  # seed 0 already ran in the search
+                r = launch_or_reuse(spec(setting, method, seed, lrs[method]))
                 print(f"{setting} {method} seed {seed}: wiki {r['wiki_ppl']:.2f} news {r['news_ppl']:.2f} "
                       f"acc {r['task_acc']}", flush=True)
                 runs.append(r)
                 save(runs, bases, lrs, args, t0)
     save(runs, bases, lrs, args, t0, final=True)
+
 
 if __name__ == "__main__":
     main()
