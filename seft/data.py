@@ -157,15 +157,11 @@ def _hf_documents(spec: str) -> list[str]:
     return [t for t in ds["text"] if t and t.strip()]
 
 
-@functools.lru_cache(maxsize=16)
-def _documents_cached(source: str) -> tuple[str, ...]:
-    if source in BUILTINS:
-        return tuple(BUILTINS[source]())
-    if source.startswith("hf:"):
-        return tuple(_hf_documents(source[3:]))
-    path = Path(source).expanduser()
-    if path.exists():
-        return tuple(_local_documents(path))
+def check_source(source: str) -> str:
+    """Fail fast (before a model loads) on a source that names nothing; returns it unchanged."""
+    source = str(source)
+    if source in BUILTINS or source.startswith("hf:") or Path(source).expanduser().exists():
+        return source
     import difflib
 
     close = difflib.get_close_matches(source, BUILTINS, n=2, cutoff=0.5)
@@ -174,6 +170,16 @@ def _documents_cached(source: str) -> tuple[str, ...]:
         f"{', '.join(BUILTINS)}, a .txt/.jsonl path, or hf:DATASET[:CONFIG]"
         + (f" (did you mean {' or '.join(close)}?)" if close else "")
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _documents_cached(source: str) -> tuple[str, ...]:
+    check_source(source)
+    if source in BUILTINS:
+        return tuple(BUILTINS[source]())
+    if source.startswith("hf:"):
+        return tuple(_hf_documents(source[3:]))
+    return tuple(_local_documents(Path(source).expanduser()))
 
 
 def load_documents(source: str, split: str = "train") -> list[str]:

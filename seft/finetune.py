@@ -84,6 +84,15 @@ class FinetuneConfig:
             raise SeftError(f"load_in_4bit supports the methods {', '.join(SEFT_METHODS)}, not {self.method}")
         return self
 
+    def check_sources(self) -> None:
+        """Every text source names something: checked before the model loads (and not in
+        `validate`, so a recipe can be validated on a machine that lacks the data)."""
+        from .data import check_source
+
+        for source in (self.data, self.eval_data, self.calibration if self.method == "lora-reprune" else None):
+            if source:
+                check_source(source)
+
 
 @dataclass
 class FinetuneJob:
@@ -320,6 +329,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     from .data import pad_collate, training_dataset
 
     cfg = job.config.validate()
+    cfg.check_sources()
     output = Path(job.output)
     check_output_free(output, job.overwrite)
     work = work_dir_for(output)
