@@ -160,8 +160,12 @@ def test_cli_finetune(pruned_tiny, tmp_path, tiny_text_file, capsys):
                "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-data", "none", "--merge",
                "--lora-rank", "2", "--no-progress"])
     assert rc == 0 and (tmp_path / "o" / "merged" / "model.safetensors").exists()
-    rc = main(["finetune", "--model", str(pruned_tiny), "--output", str(tmp_path / "o"), "--data", "nope"])
+    capsys.readouterr()
+    rc = main(["finetune", "--model", str(pruned_tiny), "--output", str(tmp_path / "o"), "--data", str(tiny_text_file)])
     assert rc == 2 and "already exists" in capsys.readouterr().err
+    rc = main(["finetune", "--model", str(pruned_tiny), "--output", str(tmp_path / "o2"), "--data", "wikii"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown text source 'wikii'" in err and "did you mean wiki" in err and len(err.splitlines()) == 1
 
 
 def test_default_config_is_valid():
