@@ -139,7 +139,9 @@ def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: f
     lines = [
         "# Repair benchmark (SmolLM2-135M)",
         "",
-        f"Written by `python benchmarks/recovery.py {' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min on "
+        *([f"**Status:** {args.note}", ""] if args.note else []),
+        f"Written by `python benchmarks/recovery.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--note'))}`"
+        f" in {seconds / 60:.1f} min on "
         f"{os.cpu_count()} CPU cores. Each method: {args.steps} steps x batch {args.batch} x {args.seq_len} tokens "
         f"of wiki train text, budget = LoRA r=8 parameters, seeds {args.seeds}; pruned checkpoints from "
         f"{args.calib_samples} x 256-token wiki calibration windows. SEFT: update_interval {args.update_interval}, "
@@ -257,6 +259,7 @@ def main() -> None:
                    help="reuse runs (and pruned-model rows) already in recovery.json instead of re-running them")
     p.add_argument("--table-only", action="store_true",
                    help="rewrite recovery.md/png from recovery.json (same other arguments as the run)")
+    p.add_argument("--note", default="", help="a status paragraph to put under the title (e.g. what did not run)")
     p.add_argument("--lr-search", action="store_true", help="pick each method's lr from LR_GRID on the first run")
     args = p.parse_args()
     if args.one:
