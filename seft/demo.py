@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     load_model("smollm2-135m")  # builds the safetensors cache on first use
-    logger.info("1/3 pruning SmolLM2-135M with Wanda to 50%%")
+    logger.info("1/3 pruning SmolLM2-135M with Wanda to 50%")
     pruned = out / "wanda50"
     prune_checkpoint("smollm2-135m", pruned, PruneConfig(method="wanda", sparsity=0.5, calibration="wiki",
                                                          num_samples=16, seq_len=256).validate(), overwrite=True)
