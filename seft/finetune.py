@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .baselines import base_masks
 from .errors import SeftError, choices_hint
 from .io import atomic_output_dir, check_output_free, write_json
 from .models import decoder_layers, load_model, save_checkpoint, target_linears
@@ -199,22 +200,17 @@ def training_arguments(job: FinetuneJob, work_dir: Path):
         raise SeftError(f"train settings rejected by transformers: {str(exc).splitlines()[0]}") from None
 
 
-class MaskCallback:
-    """full-masked: re-apply the base mask after every optimizer step."""
+def mask_callback(masks: dict[str, torch.Tensor]):
+    """full-masked: a TrainerCallback that re-applies the base mask after every optimizer step."""
+    from transformers import TrainerCallback
 
-    def __init__(self, masks: dict[str, torch.Tensor]):
-        from transformers import TrainerCallback
+    from .baselines import apply_masks
 
-        self.masks = masks
-        outer = self
+    class MaskCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            apply_masks(model, masks)
 
-        class _CB(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                from .baselines import apply_masks
-
-                apply_masks(model, outer.masks)
-
-        self.callback = _CB()
+    return MaskCallback()
 
 
 def prepare(job: FinetuneJob, model: nn.Module) -> tuple[nn.Module, list]:
@@ -240,7 +236,7 @@ def prepare(job: FinetuneJob, model: nn.Module) -> tuple[nn.Module, list]:
         return peft.get_peft_model(model, lora), []
     from .baselines import enable_full_masked
 
-    return model, [MaskCallback(enable_full_masked(model)).callback]
+    return model, [mask_callback(enable_full_masked(model))]
 
 
 def merge(job: FinetuneJob, trained: nn.Module, tokenizer, base_masks: dict[str, torch.Tensor]) -> nn.Module:
@@ -349,7 +345,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
 
     t_start = time.perf_counter()
     model, tokenizer = load_model(job.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
-    masks = {} if cfg.load_in_4bit else _base_masks(model)  # 4-bit: SEFT methods only, which need none
+    masks = {} if cfg.load_in_4bit else base_masks(model)  # 4-bit: SEFT methods only, which need none
     before = layer_sparsity(model)
     dataset = training_dataset(tokenizer, cfg.data, cfg.seq_len, "train")
     ppl_before = _held_out_ppl(job, model, tokenizer)
@@ -396,12 +392,6 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
         write_json(Path(tmp) / REPORT_NAME, report)
     shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def _base_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    from .baselines import base_masks
-
-    return base_masks(model)
 
 
 def _summary(per_layer: dict[str, float] | None) -> dict | None:
