@@ -82,6 +82,32 @@ def llama7b_subject(device: torch.device, samples: int, seq_len: int, dtype: tor
     return decoder_layers(model)[0], inputs
 
 
+def write_table(rows: list[tuple], args, hw: str, done: bool) -> None:
+    """(Re)write the markdown table; `done=False` marks it as partial."""
+    lines = [
+        "# Pruning speed: seconds per decoder layer" + ("" if done else " (PARTIAL: run in progress or interrupted)"),
+        "",
+        f"Device: {hw}; torch {torch.__version__}; median of {args.repeats} repeat(s); 50% unstructured.",
+        "`statistics` = one forward of the unpruned layer over all calibration inputs with observer hooks;",
+        "`prune` = computing the pruned weights of the 7 linears (SparseGPT: Cholesky + OBS updates, q/k/v and",
+        "gate/up sharing a Hessian). Magnitude needs no statistics (data-free).",
+        f"LLaMA-2-7B-shaped layer: synthetic weights in {args.llama_dtype}; statistics always fp32.",
+        "",
+        f"Command: `python benchmarks/prune_speed.py --device {args.device} --repeats {args.repeats} "
+        f"--smollm2-samples {args.smollm2_samples} --smollm2-seq-len {args.smollm2_seq_len} "
+        f"--llama-samples {args.llama_samples} --llama-seq-len {args.llama_seq_len}`",
+        "",
+        "| subject | calibration (samples x tokens) | method | statistics s | prune s | total s |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name, tokens, method, stat, prune in rows:
+        lines.append(f"| {name} | {tokens} | {method} | {stat:.3f} | {prune:.3f} | {stat + prune:.3f} |")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(args.output)
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,30 +140,11 @@ def main() -> None:
             stat, prune = time_layer(layer, inputs, method, device, args.repeats)
             rows.append((name, tokens, method, stat, prune))
             print(f"{name:26s} {tokens:>10s} {method:10s} statistics {stat:8.3f}s  prune {prune:8.3f}s", flush=True)
+            write_table(rows, args, hw, done=False)  # row by row: an interrupted run keeps what it measured
         del layer, inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    lines = [
-        "# Pruning speed: seconds per decoder layer",
-        "",
-        f"Device: {hw}; torch {torch.__version__}; median of {args.repeats} repeat(s); 50% unstructured.",
-        "`statistics` = one forward of the unpruned layer over all calibration inputs with observer hooks;",
-        "`prune` = computing the pruned weights of the 7 linears (SparseGPT: Cholesky + OBS updates, q/k/v and",
-        "gate/up sharing a Hessian). Magnitude needs no statistics (data-free).",
-        f"LLaMA-2-7B-shaped layer: synthetic weights in {args.llama_dtype}; statistics always fp32.",
-        "",
-        f"Command: `python benchmarks/prune_speed.py --device {args.device} --repeats {args.repeats} "
-        f"--smollm2-samples {args.smollm2_samples} --smollm2-seq-len {args.smollm2_seq_len} "
-        f"--llama-samples {args.llama_samples} --llama-seq-len {args.llama_seq_len}`",
-        "",
-        "| subject | calibration (samples x tokens) | method | statistics s | prune s | total s |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for name, tokens, method, stat, prune in rows:
-        lines.append(f"| {name} | {tokens} | {method} | {stat:.3f} | {prune:.3f} | {stat + prune:.3f} |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_table(rows, args, hw, done=True)
     print(f"wrote {args.output}")
 
 

@@ -17,7 +17,7 @@ Learning rates come from one small search per method family on the first
 setting and seed (`--lr-search`), judged on held-out wiki perplexity; news
 perplexity and the tasks were not used to pick them.
 
-Writes benchmarks/results/recovery.md (+ recovery.json, recovery.png).
+Writes benchmarks/results/recovery.md (+ recovery.json, recovery.png), or NAME.* with --name.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def mean_spread(values: list[float]) -> str:
 
 def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: float) -> str:
     lines = [
-        "# Repair benchmark (SmolLM2-135M)",
+        f"# Repair benchmark (SmolLM2-135M){'' if args.name == 'recovery' else f': {args.name}'}",
         "",
         *([f"**Status:** {args.note}", ""] if args.note else []),
         f"Written by `python benchmarks/recovery.py {' '.join(a for a in sys.argv[1:] if not a.startswith('--note'))}`"
@@ -225,12 +225,12 @@ def save(runs: list[dict], bases: list[dict], lrs: dict, args, t0: float, final:
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = write_table(runs, bases, lrs, args, time.perf_counter() - t0)
     if not final:
-        table = table.replace("# Repair benchmark (SmolLM2-135M)", "# Repair benchmark (SmolLM2-135M) — PARTIAL, still running", 1)
-    (RESULTS / "recovery.md").write_text(table)
-    (RESULTS / "recovery.json").write_text(json.dumps({"runs": runs, "pruned": bases, "lrs": lrs,
+        table = table.replace("(SmolLM2-135M)", "(SmolLM2-135M) — PARTIAL, still running", 1)
+    (RESULTS / f"{args.name}.md").write_text(table)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"runs": runs, "pruned": bases, "lrs": lrs,
                                                        "seconds": time.perf_counter() - t0}, indent=1))
     if final:
-        plot(runs, bases, args, RESULTS / "recovery.png")
+        plot(runs, bases, args, RESULTS / f"{args.name}.png")
         print(table)
 
 
@@ -260,6 +260,8 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true",
                    help="rewrite recovery.md/png from recovery.json (same other arguments as the run)")
     p.add_argument("--note", default="", help="a status paragraph to put under the title (e.g. what did not run)")
+    p.add_argument("--name", default="recovery",
+                   help="results file stem under benchmarks/results/ (e.g. recovery_long for a second grid)")
     p.add_argument("--lr-search", action="store_true", help="pick each method's lr from LR_GRID on the first run")
     args = p.parse_args()
     if args.one:
@@ -272,11 +274,11 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     if args.table_only:
-        saved = json.loads((RESULTS / "recovery.json").read_text())
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
         save(saved["runs"], saved["pruned"], saved["lrs"], args, t0 - saved.get("seconds", 0), final=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    saved = json.loads((RESULTS / "recovery.json").read_text()) if args.resume else {"runs": [], "pruned": []}
+    saved = json.loads((RESULTS / f"{args.name}.json").read_text()) if args.resume else {"runs": [], "pruned": []}
     pruned = {s: prune_setting(s, args) for s in args.settings}
     old_bases = {b["setting"]: b for b in saved["pruned"]}
     bases = [old_bases.get("dense") or base_row("dense", "smollm2-135m", args, args.tasks)]
@@ -292,12 +294,13 @@ def main() -> None:
 
     def spec(setting, method, seed, lr):
         return dict(setting=setting, method=method, seed=seed, lr=lr, model=str(pruned[setting]),
-                    output=str(WORK / f"run-{setting}-{method}-s{seed}-lr{lr:g}"), seq_len=args.seq_len,
+                    output=str(WORK / f"run-{prefix}{setting}-{method}-s{seed}-lr{lr:g}"), seq_len=args.seq_len,
                     steps=args.steps, batch=args.batch, update_interval=args.update_interval,
                     stat_window=args.stat_window, calib_samples=args.calib_samples,
                     eval_windows=args.eval_windows, task_limit=args.task_limit,
                     tasks=args.tasks and setting == first and seed == seed0)
 
+    prefix = "" if args.name == "recovery" else f"{args.name}-"
     runs: list[dict] = []
     lrs: dict[str, float] = {}
     first, seed0 = args.settings[0], args.seeds[0]
