@@ -60,7 +60,9 @@ def main() -> None:
     rows = []
     for mode in ("fp", "4bit"):
         done = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)],
-                              check=True, capture_output=True, text=True)
+                              capture_output=True, text=True)
+        if done.returncode != 0:  # say how it died (a signal is a negative code, e.g. -9 = killed, often OOM)
+            sys.exit(f"{mode} run failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     lines = ["| mode | steps | peak RSS (GiB) | ppl before | ppl after (merged fp) | s/step | sparsity kept |",

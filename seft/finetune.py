@@ -284,15 +284,32 @@ def base_sparsity_and_pattern(masks: dict[str, torch.Tensor]) -> tuple[float, st
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """{'3.mlp.down_proj': sparsity} over the target linears."""
+    """{'3.mlp.down_proj': sparsity} over the target linears (4-bit: the fp checkpoint's zeros)."""
+    return {name: 1.0 - float((w != 0).sum()) / w.numel() for name, w in _target_weights(model)}
+
+
+def _target_weights(model: nn.Module):
     from .tuner.quant import is_4bit, topology_weight
 
-    out = {}
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in target_linears(layer).items():
-            w = topology_weight(lin) if is_4bit(lin) else lin.weight  # 4-bit: the fp checkpoint's zeros
-            out[f"{i}.{name}"] = 1.0 - float((w != 0).sum()) / w.numel()
-    return out
+            yield f"{i}.{name}", (topology_weight(lin) if is_4bit(lin) else lin.weight)
+
+
+def model_pattern(model: nn.Module) -> str:
+    """'N:M' if every target linear follows the N:M pattern the first one has, else 'unstructured'.
+
+    Detected on one matrix and checked on the rest with one pass each, so a
+    7B model costs seconds; sparsity counts alone cannot see a broken 2:4.
+    """
+    from .sparsity import detect_nm, format_pattern, is_nm
+
+    weights = _target_weights(model)
+    first = next(weights, None)
+    nm = detect_nm(first[1].detach()) if first else None
+    if nm and all(is_nm(w.detach(), *nm) for _, w in weights):
+        return format_pattern(nm)
+    return "unstructured"
 
 
 def peak_memory() -> dict[str, float]:
@@ -346,7 +363,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     model, tokenizer = load_model(job.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
     masks = {} if cfg.load_in_4bit else base_masks(model)  # 4-bit: SEFT methods only, which need none
-    before = layer_sparsity(model)
+    before, pattern_before = layer_sparsity(model), model_pattern(model)
     dataset = training_dataset(tokenizer, cfg.data, cfg.seq_len, "train")
     ppl_before = _held_out_ppl(job, model, tokenizer)
     trained, callbacks = prepare(job, model)
@@ -368,10 +385,10 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
 
     with atomic_output_dir(output, overwrite=job.overwrite) as tmp:
         adapter_bytes = _save_adapter(cfg.method, trained, Path(tmp))
-        merged_after = ppl_after = None
+        merged_after = ppl_after = pattern_after = None
         if merge_wanted:
             merged = _merge_on_fp(job, Path(tmp)) if cfg.load_in_4bit else merge(job, trained, tokenizer, masks)
-            merged_after = layer_sparsity(merged)
+            merged_after, pattern_after = layer_sparsity(merged), model_pattern(merged)
             save_checkpoint(merged, tokenizer, Path(tmp) / "merged")
             ppl_after = _held_out_ppl(job, merged, tokenizer)
         else:
@@ -385,7 +402,8 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
             "train_loss": result.training_loss, "trainable_params": trainable, "adapter_bytes": adapter_bytes,
             "memory": memory, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
             "sparsity_before": _summary(before), "sparsity_after_merge": _summary(merged_after) if merged_after else None,
-            "sparsity_preserved": (merged_after == before) if merged_after else None,
+            "pattern_before": pattern_before, "pattern_after_merge": pattern_after,
+            "sparsity_preserved": (merged_after == before and pattern_after == pattern_before) if merged_after else None,
             "adapter_sparsity": adapter_report, "topology_updates": topology,
             "recipe": job.as_recipe(), "log_history": trainer.state.log_history,
         }

@@ -82,6 +82,22 @@ def test_nm_base_keeps_pattern(tmp_path, tiny_tokenizer, tiny_text_file):
         for lin in target_linears(layer).values():
             assert is_nm(lin.weight, 2, 4)
     assert report["sparsity_preserved"]
+    assert report["pattern_before"] == report["pattern_after_merge"] == "2:4"
+
+
+def test_model_pattern_sees_a_broken_nm(tmp_path, tiny_tokenizer):
+    """Sparsity counts cannot tell a 2:4 model from one with a group at 3 and another at 1; the pattern can."""
+    from transformers import AutoModelForCausalLM
+
+    from seft.finetune import layer_sparsity, model_pattern
+
+    model = AutoModelForCausalLM.from_pretrained(save_pruned_tiny(tmp_path / "nm", tiny_tokenizer, pattern=(2, 4)))
+    assert model_pattern(model) == "2:4"
+    before = layer_sparsity(model)
+    w = decoder_layers(model)[-1].mlp.down_proj.weight.data
+    zero, kept = (w[0, :4] == 0).nonzero().flatten()[0], (w[0, 4:8] != 0).nonzero().flatten()[0] + 4
+    w[0, zero], w[0, kept] = 1.0, 0.0  # move one weight across a group boundary
+    assert layer_sparsity(model) == before and model_pattern(model) == "unstructured"
 
 
 class Interrupt(Exception):

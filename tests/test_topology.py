@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from seft.sparsity import is_nm, nm_mask, row_topk_mask
+from seft.sparsity import detect_nm, is_nm, nm_mask, row_topk_mask
 from seft.tuner import topology as T
 
 
@@ -138,3 +138,15 @@ def test_warmup_scale():
     age = torch.tensor([0, 4, 9, 10, 50])
     assert torch.allclose(T.warmup_scale(age, 9), torch.tensor([0.1, 0.5, 1.0, 1.0, 1.0]))
     assert torch.all(T.warmup_scale(age, 0) == 1)
+
+
+def test_detect_nm_tolerates_kept_zeros_but_not_unstructured():
+    """A 2:4 matrix with a few exact zeros among its kept weights is still 2:4; a 50% unstructured one is not."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    nm = w * nm_mask(w.abs(), 2, 4)
+    assert detect_nm(nm) == (2, 4)
+    nm.view(-1)[nm.flatten().nonzero().flatten()[:5]] = 0.0  # 5 of 2048 groups now hold 1 nonzero
+    assert detect_nm(nm) == (2, 4)
+    assert detect_nm(w * row_topk_mask(w.abs(), 0.5)) is None
+    assert detect_nm(w) is None
