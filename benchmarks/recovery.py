@@ -42,6 +42,8 @@ SETTINGS = {
     "wanda2of4": dict(method="wanda", sparsity=None, pattern="2:4"),
 }
 METHODS = ["seft", "seft-norevive", "static", "masked-lora", "lora-reprune", "full-masked"]
+# SEFT configurations that are not finetune methods of their own: name -> (method, SeftConfig overrides)
+VARIANTS = {"seft-normalized": ("seft", {"growth": "normalized"})}
 LR_GRID = {"adapter": [1e-3, 3e-3], "full-masked": [3e-5, 1e-4]}  # the last is the default without --lr-search
 
 
@@ -68,13 +70,14 @@ def one_run(spec: dict) -> dict:
     from seft.finetune import job_from_recipe, run_finetune
 
     out = Path(spec["output"])
+    method, overrides = VARIANTS.get(spec["method"], (spec["method"], {}))
     recipe = {
         "model": spec["model"], "output": str(out), "overwrite": True,
-        "finetune": {"data": "wiki", "method": spec["method"], "seq_len": spec["seq_len"], "merge": True,
+        "finetune": {"data": "wiki", "method": method, "seq_len": spec["seq_len"], "merge": True,
                      "eval_data": None, "calibration": "wiki", "calibration_samples": spec["calib_samples"],
                      "calibration_seq_len": 256},
         "adapter": {"lora_rank": 8, "update_interval": spec["update_interval"], "stat_window": spec["stat_window"],
-                    "seed": spec["seed"]},
+                    "seed": spec["seed"], **overrides},
         "train": {"max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"],
                   "learning_rate": spec["lr"], "seed": spec["seed"], "data_seed": spec["seed"],
                   "warmup_steps": max(1, spec["steps"] // 10), "logging_steps": 5, "save_strategy": "no",
@@ -181,12 +184,12 @@ def write_table(runs: list[dict], bases: list[dict], lrs: dict, args, seconds: f
                 f"{statistics.median(r['s_per_step'] for r in rs):.2f} | "
                 f"{max(r['peak_rss_gib'] for r in rs):.2f} | {rs[0]['adapter_mib']:.2f} | {rs[0]['trainable']:,} | "
                 f"{statistics.mean(r['sparsity'] for r in rs):.4f}{'' if all(r['sparsity_preserved'] for r in rs) else ' (changed!)'} |")
-    seft_runs = [r for r in runs if r["method"] == "seft" and r["topology"]]
+    seft_runs = [r for r in runs if r["method"] in ("seft", *VARIANTS) and r["topology"]]
     if seft_runs:
         lines += ["", "SEFT topology per run (sum over updates): replaced / revived / re-pruned slots"]
         for r in seft_runs:
             t = r["topology"]
-            lines.append(f"- {r['setting']} seed {r['seed']}: {sum(u['seft/replaced'] for u in t):.0f} / "
+            lines.append(f"- {r['setting']} {r['method']} seed {r['seed']} lr {r['lr']:g}: {sum(u['seft/replaced'] for u in t):.0f} / "
                          f"{sum(u['seft/revived'] for u in t):.0f} / {sum(u['seft/repruned'] for u in t):.0f} "
                          f"over {len(t)} updates")
     return "\n".join(lines) + "\n"
@@ -269,6 +272,9 @@ def main() -> None:
         return
     args.settings = args.settings.split(",")
     args.methods = args.methods.split(",")
+    unknown = [m for m in args.methods if m not in METHODS and m not in VARIANTS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS + list(VARIANTS))}")
     args.other_methods = args.other_methods.split(",") if args.other_methods else args.methods
     args.seed_methods = args.seed_methods.split(",") if args.seed_methods else args.methods
     args.seeds = [int(s) for s in args.seeds.split(",")]

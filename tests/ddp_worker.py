@@ -33,7 +33,7 @@ def global_batches(steps: int, global_batch: int, seq_len: int, vocab: int) -> t
     return torch.randint(3, vocab, (steps, global_batch, seq_len), generator=gen)
 
 
-def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12) -> None:
+def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12, growth: str = "gradient") -> None:
     import peft
 
     import seft
@@ -43,7 +43,8 @@ def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12) 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     model = peft.get_peft_model(make_model(), seft.SeftConfig(lora_rank=2, update_interval=3, stat_window=2,
-                                                               revive_fraction=0.5, regrow_warmup=2))
+                                                               revive_fraction=0.5, regrow_warmup=2,
+                                                               growth=growth))
     seft_model = model.base_model
     wrapped = model
     if world_size > 1:

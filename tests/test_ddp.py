@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -25,9 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_ranks_identical_topology(tmp_path):
-    mp.spawn(ddp_worker.train, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True)
-    ddp_worker.train(0, 1, str(tmp_path), 0)
+@pytest.mark.parametrize("growth", ["gradient", "normalized"])
+def test_ddp_two_ranks_identical_topology(tmp_path, growth):
+    """`normalized` also all-reduces the per-channel activation statistics."""
+    mp.spawn(ddp_worker.train, args=(2, str(tmp_path), _free_port(), 12, growth), nprocs=2, join=True)
+    ddp_worker.train(0, 1, str(tmp_path), 0, 12, growth)
     r0 = torch.load(tmp_path / "rank0_of2.pt")
     r1 = torch.load(tmp_path / "rank1_of2.pt")
     single = torch.load(tmp_path / "rank0_of1.pt")

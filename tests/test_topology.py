@@ -150,3 +150,30 @@ def test_detect_nm_tolerates_kept_zeros_but_not_unstructured():
     assert detect_nm(nm) == (2, 4)
     assert detect_nm(w * row_topk_mask(w.abs(), 0.5)) is None
     assert detect_nm(w) is None
+
+
+def test_normalized_growth_ranks_by_gradient_over_channel_scale():
+    """With a per-candidate scale, growth takes the largest |g_mean| / scale, not the largest |g_mean|."""
+    w = _layer()
+    slots = T.initial_slots(w != 0, 20, torch.Generator().manual_seed(0))
+    removed = torch.empty(0, dtype=torch.long)
+    stats = _stats(w, slots, removed, None, c=60)
+    scale = torch.rand(stats.grow_idx.numel(), generator=torch.Generator().manual_seed(3)) * 10 + 0.1
+    values = torch.randn(20)
+    plain = T.evolve(w, values, slots, removed, stats, r=5, n=int((w != 0).sum()), revive_fraction=0.0)
+    stats.grow_scale = scale
+    normed = T.evolve(w, values, slots, removed, stats, r=5, n=int((w != 0).sum()), revive_fraction=0.0)
+    g_mean = (stats.grow_sum / stats.steps).abs()
+    allowed = (w != 0)[stats.grow_idx]  # revival off: only base-active candidates can grow
+    for res, score in ((plain, g_mean), (normed, g_mean / scale)):
+        grown = set(res.indices[res.replaced_slots].tolist())
+        ranked = stats.grow_idx[allowed][torch.argsort(score[allowed], descending=True)][:5]
+        assert grown == set(ranked.tolist())
+    assert set(plain.indices.tolist()) != set(normed.indices.tolist())
+
+
+def test_channel_scale_is_rms_with_a_floor():
+    x = torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 1.0]])
+    s = T.channel_scale(x.pow(2).sum(0), tokens=2)
+    assert torch.allclose(s[[0, 2]], torch.tensor([12.5**0.5, 1.0]))
+    assert s[1] > 0  # a dead channel is floored, never divides by zero

@@ -310,3 +310,30 @@ def test_unsupported_optimizer(make):
     optimizer = make([p for p in pm.parameters() if p.requires_grad])
     with pytest.raises(SeftError, match="cannot re-seed"):
         train_loop(pm, optimizer, 3, TINY_VOCAB)
+
+
+def _slots_on_channel0(growth: str) -> tuple[int, int]:
+    """Slots in input channel 0 of q/gate after training a model whose channel 0 is a 30x activation outlier."""
+    model = prune_tiny(build_tiny_model())
+    with torch.no_grad():
+        for layer in model.model.layers:  # the norms feeding q/k/v and gate/up: channel 0 comes out 30x larger
+            layer.input_layernorm.weight[0] *= 30
+            layer.post_attention_layernorm.weight[0] *= 30
+    pm = _adapt(model, **_evolving(revive_fraction=0.0, growth=growth))
+    train_loop(pm, torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2), 9, TINY_VOCAB)
+    on, total = 0, 0
+    for name, layer in pm.base_model.seft_layers().items():
+        if name.endswith(("q_proj", "gate_proj")):
+            idx = layer.seft_indices["default"].long()
+            on += int((idx % layer.in_features == 0).sum())
+            total += idx.numel()
+    return on, total
+
+
+def test_normalized_growth_does_not_pile_onto_an_outlier_channel():
+    """|g| growth crowds slots onto a high-activation input channel; |g| / rms(x_j) does not (DESIGN §1 ablation)."""
+    grad_on, total = _slots_on_channel0("gradient")
+    norm_on, _ = _slots_on_channel0("normalized")
+    uniform = total / build_tiny_model().config.hidden_size
+    assert grad_on > 4 * uniform
+    assert norm_on < grad_on / 2

@@ -19,7 +19,7 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from ..errors import SeftError, choices_hint
-from .topology import SCHEDULES, SENSITIVITIES
+from .topology import GROWTHS, SCHEDULES, SENSITIVITIES
 
 DEFAULT_LORA_RANK = 8
 PEFT_NAME = "SEFT"
@@ -65,6 +65,9 @@ class SeftConfig(PeftConfig):
     evolve_until: float = field(default=0.75, metadata={"help": "Evolve while step <= evolve_until * total."})
     revive_fraction: float = field(default=0.1, metadata={"help": "Max share of grown slots at pruned positions."})
     sensitivity: str = field(default="taylor", metadata={"help": "taylor (|w g|) | magnitude (|w|) re-prune score."})
+    growth: str = field(default="gradient", metadata={
+        "help": "gradient (|g|) | normalized (|g| / rms of the input channel, the diagonal Gauss-Newton gain) "
+                "grow score."})
     regrow_warmup: int = field(default=10, metadata={"help": "Steps over which a regrown slot's update ramps up."})
     candidates: int | None = field(default=None, metadata={"help": "Window candidates per kind; None = k."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial slot draw."})
@@ -97,6 +100,8 @@ class SeftConfig(PeftConfig):
             raise SeftError(f"unknown schedule {self.schedule!r}; {choices_hint(self.schedule, SCHEDULES)}")
         if self.sensitivity not in SENSITIVITIES:
             raise SeftError(f"unknown sensitivity {self.sensitivity!r}; {choices_hint(self.sensitivity, SENSITIVITIES)}")
+        if self.growth not in GROWTHS:
+            raise SeftError(f"unknown growth {self.growth!r}; {choices_hint(self.growth, GROWTHS)}")
         if int(self.regrow_warmup) < 0:
             raise SeftError(f"regrow_warmup must be >= 0, got {self.regrow_warmup}")
         if self.candidates is not None and int(self.candidates) < 1:

@@ -71,34 +71,47 @@ class WindowAccumulator:
     ranks first so every rank takes identical decisions.
     """
 
-    def __init__(self, layer: Linear, adapter: str, want_sensitivity: bool):
+    def __init__(self, layer: Linear, adapter: str, want_sensitivity: bool, normalized: bool = False):
         self.layer, self.adapter, self.want_sensitivity = layer, adapter, want_sensitivity
+        self.normalized = normalized  # growth: normalized (score |g| / channel rms)
         self.grow_idx: torch.Tensor | None = None
         self.sens_idx: torch.Tensor | None = None
+        self.x_sq: torch.Tensor | None = None  # sum of x**2 per input channel over the window
+        self.tokens = 0
         self.steps = 0
 
-    def __call__(self, grad: torch.Tensor) -> None:
+    def __call__(self, grad: torch.Tensor, x_sq: torch.Tensor, tokens: int) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
                 torch.distributed.all_reduce(grad)
                 grad /= world
+                if self.normalized:  # identical channel statistics on every rank too
+                    count = torch.tensor([float(tokens)], device=x_sq.device)
+                    torch.distributed.all_reduce(x_sq)
+                    torch.distributed.all_reduce(count)
+                    tokens = int(count.item())
+        if self.normalized:
+            self.x_sq = x_sq.clone() if self.x_sq is None else self.x_sq + x_sq
+            self.tokens += tokens
         flat = grad.reshape(-1)
         if self.grow_idx is None:
-            self._choose(flat)
+            self._choose(grad)
         self.grow_buf += flat[self.grow_idx]
         self.sens_buf += flat[self.sens_idx]
         self.seen = True
 
     @torch.no_grad()
-    def _choose(self, g: torch.Tensor) -> None:
+    def _choose(self, grad: torch.Tensor) -> None:
         layer, a = self.layer, self.adapter
         meta = layer.seft_meta[a]
+        g = grad.reshape(-1)
         w = layer.topology_weight().reshape(-1)
         removed = layer.seft_removed[a]
         slot_mask = T.flat_mask(layer.seft_indices[a], w.numel())
         base = T.base_active_mask(w, removed)
-        self.grow_idx = T.grow_candidates(g, slot_mask, base if meta.nm else None, meta.candidates)
+        score = (grad / T.channel_scale(self.x_sq, self.tokens)).reshape(-1) if self.normalized else g
+        self.grow_idx = T.grow_candidates(score, slot_mask, base if meta.nm else None, meta.candidates)
         if self.want_sensitivity:
             self.sens_idx = T.sensitivity_candidates(w, g, base, slot_mask, meta.candidates)
         else:
@@ -123,7 +136,11 @@ class WindowAccumulator:
     def stats(self) -> T.WindowStats | None:
         if self.grow_idx is None or self.steps == 0:
             return None
-        return T.WindowStats(self.grow_idx, self.grow_sum, self.grow_sq, self.sens_idx, self.sens_sum, self.steps)
+        scale = None
+        if self.normalized:
+            scale = T.channel_scale(self.x_sq, self.tokens)[self.grow_idx % self.layer.in_features]
+        return T.WindowStats(self.grow_idx, self.grow_sum, self.grow_sq, self.sens_idx, self.sens_sum, self.steps,
+                             grow_scale=scale)
 
 
 class SeftLayer(BaseTunerLayer):
@@ -212,8 +229,8 @@ class SeftLayer(BaseTunerLayer):
 
     # --- statistics window -------------------------------------------------------
 
-    def open_window(self, adapter: str, want_sensitivity: bool) -> None:
-        self.seft_window[adapter] = WindowAccumulator(self, adapter, want_sensitivity)
+    def open_window(self, adapter: str, want_sensitivity: bool, normalized: bool = False) -> None:
+        self.seft_window[adapter] = WindowAccumulator(self, adapter, want_sensitivity, normalized)
 
     def close_window(self, adapter: str) -> WindowAccumulator | None:
         return self.seft_window.pop(adapter, None)

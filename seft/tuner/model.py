@@ -145,7 +145,7 @@ class SeftModel(BaseTuner):
                 meta = layer.seft_meta[adapter]
                 dense = meta.n == layer.in_features * layer.out_features
                 want_sens = cfg.sensitivity == "taylor" and cfg.revive_fraction > 0 and not meta.nm and not dense
-                layer.open_window(adapter, want_sens)
+                layer.open_window(adapter, want_sens, normalized=cfg.growth == "normalized")
         return True
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ import torch
 
 SCHEDULES = ("cosine", "linear")
 SENSITIVITIES = ("taylor", "magnitude")
+GROWTHS = ("gradient", "normalized")
 
 
 # --- schedule -----------------------------------------------------------------
@@ -135,6 +136,22 @@ def grow_candidates(grad_flat: torch.Tensor, slot_mask: torch.Tensor, allowed: t
     return top_positions(grad_flat.abs(), eligible, c, largest=True)
 
 
+def channel_scale(x_sq_sum: torch.Tensor, tokens: int) -> torch.Tensor:
+    """RMS of each input channel over a window's tokens (floored so a dead channel cannot divide by 0).
+
+    `growth: normalized` divides |G_ij| by it: with Adam every slot moves by
+    about `lr` whatever its gradient, so a slot on an input channel with large
+    activations changes the output `rms_j` times more. |G_ij| / rms_j is the
+    square root of the diagonal Gauss-Newton loss decrease G^2 / (2 H_jj),
+    with H_jj proportional to rms_j^2; plain |G_ij| piles slots onto a few
+    outlier channels instead (measured on SmolLM2: 10-20% of slots in 1% of
+    the input channels, against 3% for a random draw).
+    """
+    rms = (x_sq_sum.float() / max(tokens, 1)).sqrt()
+    floor = rms.mean().clamp_min(1e-12) * 1e-3
+    return rms.clamp_min(floor)
+
+
 def sensitivity_candidates(weight_flat: torch.Tensor, grad_flat: torch.Tensor, base_active: torch.Tensor,
                            slot_mask: torch.Tensor, c: int) -> torch.Tensor:
     """Lowest-|w * G| base-active positions that hold no slot: the likely re-prune targets."""
@@ -183,6 +200,7 @@ class WindowStats:
     sens_idx: torch.Tensor
     sens_sum: torch.Tensor
     steps: int
+    grow_scale: torch.Tensor | None = None  # per grow candidate: divide |g_mean| by it (growth: normalized)
 
 
 @dataclass
@@ -233,12 +251,13 @@ def evolve(
     cand = stats.grow_idx.long()
     g_mean = stats.grow_sum / steps
     g_sq = stats.grow_sq / steps
+    score = g_mean.abs() if stats.grow_scale is None else g_mean.abs() / stats.grow_scale
     is_revival = ~base_active[cand] if cand.numel() else torch.zeros(0, dtype=torch.bool, device=device)
     if nm:  # N:M: only already-active positions may grow
         keep = ~is_revival
-        cand, g_mean, g_sq, is_revival = cand[keep], g_mean[keep], g_sq[keep], is_revival[keep]
+        cand, g_mean, g_sq, score, is_revival = cand[keep], g_mean[keep], g_sq[keep], score[keep], is_revival[keep]
     max_rev = 0 if nm else int(math.floor(revive_fraction * r + 1e-9))
-    chosen = choose_growth(g_mean.abs(), is_revival, r, max_rev)
+    chosen = choose_growth(score, is_revival, r, max_rev)
     r_eff = int(chosen.numel())
 
     dropped = drop_slots(values, r_eff)
