@@ -32,9 +32,12 @@ lint: install
 	$(PY) -m ruff check seft tests benchmarks
 
 bench: install
+	$(PY) benchmarks/prune_quality.py
 	$(PY) benchmarks/prune_speed.py
-	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/train_speed.py --setup cpu --backward --out benchmarks/results/train_speed_cpu.json
+	$(PY) benchmarks/qseft_smollm2.py --steps 16
 	$(PY) benchmarks/recovery.py
+	$(PY) benchmarks/gradient_structure.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
