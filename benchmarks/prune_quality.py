@@ -53,7 +53,7 @@ def write_table(rows: list[dict], dense: dict, args, done: bool) -> None:
                 cells.append("not run | ")
                 continue
             ratio = f" ({r['perplexity'] / mag['perplexity']:.2f}x)" if mag and method != "magnitude" else ""
-            cells.append(f"{r['perplexity']:.2f}{ratio} | {r['seconds']:.0f}")
+            cells.append(f"{r['perplexity']:.2f}{ratio} | {r['prune_seconds']:.0f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".md.tmp")
@@ -83,7 +83,7 @@ def main() -> None:
             t0 = time.perf_counter()
             prune_model(model, tok, config, progress=False)
             seconds = time.perf_counter() - t0
-            rows.append({"method": method, "pattern": pattern, "seconds": seconds, **ppl(model)})
+            rows.append({**ppl(model), "method": method, "pattern": pattern, "prune_seconds": seconds})
             print(f"{method:10s} {pattern:18s} ppl {rows[-1]['perplexity']:9.2f}  prune {seconds:6.1f} s", flush=True)
             write_table(rows, dense, args, done=False)
             del model
