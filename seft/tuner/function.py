@@ -6,10 +6,11 @@ the (frozen, already resident) base weight and the O(k) tensors are saved.
 Backward rebuilds `W_eff` for `grad_x`, and forms the dense weight gradient
 `G = g^T x` once, which serves both purposes:
   - `grad_values = G.flatten()[indices]` (dense product then gather: a
-    chunked SDDMM was 8-40x slower on CPU, see benchmarks/train_speed.py);
-  - during a statistics window `G` is handed to `sink(G, x_sq, tokens)` (the
-    layer's accumulator, with the per-input-channel sum of x**2 for
-    `growth: normalized`), which keeps only candidate entries; `G` is then freed.
+    chunked SDDMM was 5-14x slower on CPU, see benchmarks/train_speed.py);
+  - during a statistics window `G` and the layer input are handed to
+    `sink(G, x)` (the layer's accumulator), which keeps only candidate
+    entries (and, for `growth: normalized`, per-channel sums of x**2); `G`
+    is then freed.
 
 dtypes: the base weight may be fp32, bf16 or fp16; `W_eff` is built in the
 base dtype (so a bf16 base adds fp32 values rounded to bf16 — the same
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-GradSink = Callable[[torch.Tensor, torch.Tensor, int], None]  # (G [out, in], sum of x**2 per input channel, tokens)
+GradSink = Callable[[torch.Tensor, torch.Tensor], None]  # (G [out, in], the layer input x [tokens, in])
 
 
 def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -50,7 +51,7 @@ def _weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
     x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
     g_t = (x2.t() @ g2).float()  # [in, out] = G^T, transient
     if sink is not None:
-        sink(g_t.t().contiguous(), x2.float().pow(2).sum(0), x2.shape[0])
+        sink(g_t.t().contiguous(), x2)
     if not want_values:
         return None
     in_features, out_features = g_t.shape

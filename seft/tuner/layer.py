@@ -80,7 +80,10 @@ class WindowAccumulator:
         self.tokens = 0
         self.steps = 0
 
-    def __call__(self, grad: torch.Tensor, x_sq: torch.Tensor, tokens: int) -> None:
+    def __call__(self, grad: torch.Tensor, x: torch.Tensor) -> None:
+        """Take one micro-batch's dense `G` [out, in] and the layer input `x` [tokens, in]."""
+        if self.normalized:  # only this mode needs the channel statistics: no extra pass over x otherwise
+            x_sq, tokens = x.float().pow(2).sum(0), x.shape[0]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
