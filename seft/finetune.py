@@ -297,19 +297,10 @@ def _target_weights(model: nn.Module):
 
 
 def model_pattern(model: nn.Module) -> str:
-    """'N:M' if every target linear follows the N:M pattern the first one has, else 'unstructured'.
+    """'N:M' if every target linear follows one N:M pattern, else 'unstructured'."""
+    from .sparsity import common_nm, format_pattern
 
-    Detected on one matrix and checked on the rest with one pass each, so a
-    7B model costs seconds; sparsity counts alone cannot see a broken 2:4.
-    """
-    from .sparsity import detect_nm, format_pattern, is_nm
-
-    weights = _target_weights(model)
-    first = next(weights, None)
-    nm = detect_nm(first[1].detach()) if first else None
-    if nm and all(is_nm(w.detach(), *nm) for _, w in weights):
-        return format_pattern(nm)
-    return "unstructured"
+    return format_pattern(common_nm(w for _, w in _target_weights(model)))
 
 
 def peak_memory() -> dict[str, float]:

@@ -106,6 +106,21 @@ def detect_nm(weight: torch.Tensor, max_m: int = 16, min_full: float = 0.99) -> 
     return None
 
 
+def common_nm(weights) -> Pattern:
+    """The N:M pattern that every matrix of the iterable `weights` follows, else None.
+
+    Detected on the first matrix and checked on the rest with one `is_nm`
+    pass each, so a 7B model costs seconds; sparsity counts alone cannot see
+    a broken 2:4 (a group at 3 and another at 1).
+    """
+    weights = iter(weights)
+    first = next(weights, None)
+    nm = detect_nm(first.detach()) if first is not None else None
+    if nm and all(is_nm(w.detach(), *nm) for w in weights):
+        return nm
+    return None
+
+
 def density(t: torch.Tensor) -> float:
     return float((t != 0).sum().item()) / max(t.numel(), 1)
 
