@@ -259,9 +259,9 @@ def main() -> None:
     p.add_argument("--seed-methods", default=None,
                    help="methods that get the extra seeds on the first setting (default: all of --methods)")
     p.add_argument("--resume", action="store_true",
-                   help="reuse runs (and pruned-model rows) already in recovery.json instead of re-running them")
+                   help="reuse runs (and pruned-model rows) already in NAME.json instead of re-running them")
     p.add_argument("--table-only", action="store_true",
-                   help="rewrite recovery.md/png from recovery.json (same other arguments as the run)")
+                   help="rewrite NAME.md/png from NAME.json (same other arguments as the run)")
     p.add_argument("--note", default="", help="a status paragraph to put under the title (e.g. what did not run)")
     p.add_argument("--name", default="recovery",
                    help="results file stem under benchmarks/results/ (e.g. recovery_long for a second grid)")
@@ -297,6 +297,7 @@ def main() -> None:
         return done[key] if key in done else launch(run_spec)
 
     print(f"pruned + baselines evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
+    prefix = "" if args.name == "recovery" else f"{args.name}-"  # run folders of a second grid kept apart
 
     def spec(setting, method, seed, lr):
         return dict(setting=setting, method=method, seed=seed, lr=lr, model=str(pruned[setting]),
@@ -306,7 +307,6 @@ def main() -> None:
                     eval_windows=args.eval_windows, task_limit=args.task_limit,
                     tasks=args.tasks and setting == first and seed == seed0)
 
-    prefix = "" if args.name == "recovery" else f"{args.name}-"
     runs: list[dict] = []
     lrs: dict[str, float] = {}
     first, seed0 = args.settings[0], args.seeds[0]
