@@ -6,21 +6,28 @@ Setups:
        32 heads, vocab 32000), 50% pruned, bf16, batch 2 x 2048 (CUDA only).
 
 Every method runs in its own subprocess, so the peak memory belongs to it:
-CUDA `max_memory_allocated` on GPU; on CPU the process's peak RSS
-(`ru_maxrss`), also shown minus the RSS right after setup (model loaded,
-pruned and wrapped) — the training overhead. Step times are medians over the
+CUDA `max_memory_allocated` on GPU; on CPU the resident set sampled during
+each step (`RssPeak`), per step kind, minus the RSS right after setup (model
+loaded, pruned and wrapped) — the training overhead. Step times are medians over the
 measured steps after warm-up; SEFT's statistics-window steps (dense weight
 gradient kept for candidate statistics, and the topology update) are reported
 apart from its ordinary steps. LoRA is peft LoRA with r=8 on q,k,v,o,gate,up,
 down; SEFT's budget `lora_rank=8` gives it exactly as many trainable values.
-Optimizer: torch AdamW for all three.
+Optimizer: torch AdamW for all. `seft` runs SeftConfig's default kernel
+(`auto`: the sampled grad(values) on CPU), `seft-dense` the old path
+(`kernel: dense`, dense `g^T x` + gather) in the same run. Each method runs
+`--repeats` times, interleaved (A B C A B C ...), and the table shows medians
+over repeats of each run's median step time and of its memory.
 
-`--backward` times the two ways to get `grad(values) = (g^T x)[indices]`:
-the dense product then a gather (what seft/tuner/function.py does) and a
-chunked gather/SDDMM `sum_t g[t, rows] * x[t, cols]`.
+`--kernels` times the kernels behind the choice, per linear shape, medians of
+repeats: grad(values) = (g^T x)[indices] by the dense product + gather, by
+`torch.sparse.sampled_addmm` (CSR pattern of the slots), and by a chunked
+index gather; the forward with a transient dense W_eff vs the base product
+plus a CSR correction; a 4-bit base's delta (forward + grad_x) dense vs CSR;
+and the sampled/dense crossover over budget densities (`kernel: auto`).
 
-    .venv/bin/python benchmarks/train_speed.py --setup cpu            # ~5 min on 2 cores
-    .venv/bin/python benchmarks/train_speed.py --setup gpu --out benchmarks/results/train_speed_gpu.json
+    .venv/bin/python benchmarks/train_speed.py --setup cpu --kernels     # ~10 min on 2 idle cores
+    .venv/bin/python benchmarks/train_speed.py --setup gpu --kernels --md benchmarks/results/train_speed_gpu.md
 """
 from __future__ import annotations
 
@@ -38,9 +45,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("seft", "lora", "full-masked")
+METHODS = ("seft", "seft-dense", "lora", "full-masked")
 SETUPS = {
-    "cpu": dict(batch=2, seq=128, warmup=1, steps=8, update_interval=4, stat_window=2, dtype="float32"),
+    "cpu": dict(batch=2, seq=128, warmup=2, steps=12, update_interval=6, stat_window=2, dtype="float32"),
     "gpu": dict(batch=2, seq=2048, warmup=3, steps=20, update_interval=5, stat_window=2, dtype="bfloat16"),
 }
 
@@ -79,10 +86,11 @@ def wrap(model, method: str, setup: str):
     from seft.baselines import enable_full_masked
     from seft.models import TARGET_MODULES
 
-    if method == "seft":
+    if method in ("seft", "seft-dense"):
         cfg = SETUPS[setup]
         return peft.get_peft_model(model, seft.SeftConfig(
-            lora_rank=8, update_interval=cfg["update_interval"], stat_window=cfg["stat_window"], evolve_until=1.0))
+            lora_rank=8, update_interval=cfg["update_interval"], stat_window=cfg["stat_window"], evolve_until=1.0,
+            kernel="dense" if method == "seft-dense" else "auto"))
     if method == "lora":
         return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                            target_modules=list(TARGET_MODULES)))
@@ -94,7 +102,7 @@ def wrap(model, method: str, setup: str):
 def adapter_bytes(model, method: str) -> int:
     """Size of what the method must save: the adapter file, or the trained weights (full-masked)."""
     with tempfile.TemporaryDirectory() as tmp:
-        if method in ("seft", "lora"):
+        if method in ("seft", "seft-dense", "lora"):
             model.save_pretrained(tmp)
             return (Path(tmp) / "adapter_model.safetensors").stat().st_size
         from safetensors.torch import save_file
@@ -107,6 +115,38 @@ def adapter_bytes(model, method: str) -> int:
 def rss_gib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class RssPeak:
+    """Peak resident memory between `reset()` calls, sampled by a thread every `interval` s.
+
+    `ru_maxrss` only knows the whole process's peak; this splits it by step
+    kind (ordinary vs statistics-window steps). torch releases the GIL in its
+    kernels, so the sampler runs during them. With `MALLOC_MMAP_THRESHOLD_`
+    set (the parent does), freed tensors go back to the OS and RSS follows
+    the live allocations instead of glibc's high-water mark.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.peak, self.interval = rss_gib(), interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_gib())
+
+    def reset(self) -> float:
+        """The peak since the last reset (including now), then start over."""
+        peak, self.peak = max(self.peak, rss_gib()), rss_gib()
+        return peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_one(setup: str, method: str) -> dict:
@@ -127,6 +167,8 @@ def run_one(setup: str, method: str) -> dict:
     total = cfg["warmup"] + cfg["steps"]
     data = [torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=gen).to(device) for _ in range(4)]
     setup_rss = rss_gib()
+    sampler = RssPeak() if not cuda else None
+    peaks = {"ordinary": [], "window": []}
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -137,28 +179,36 @@ def run_one(setup: str, method: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        in_window = model.seft_begin_window(step, total) if method == "seft" else False
+        is_seft = method.startswith("seft")
+        in_window = model.seft_begin_window(step, total) if is_seft else False
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        if method == "seft":
+        if is_seft:
             model.seft_pre_optimizer_step(opt)
         opt.step()
-        if method == "seft":
+        if is_seft:
             model.seft_post_optimizer_step(opt)
         elif method == "full-masked":
             apply_masks(model, model._bench_masks)
         opt.zero_grad(set_to_none=True)
-        if method == "seft":
+        if is_seft:
             model.seft_update(step, total, opt)
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        peak = sampler.reset() if sampler else None
         if step > cfg["warmup"]:
             (window if in_window else ordinary).append(dt)
+            if peak is not None:
+                peaks["window" if in_window else "ordinary"].append(peak)
+    if sampler:
+        sampler.stop()
     out = {"setup": setup, "method": method, "trainable_params": trainable,
            "step_s_ordinary": statistics.median(ordinary), "ordinary_steps": len(ordinary),
            "step_s_window": statistics.median(window) if window else None, "window_steps": len(window),
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "setup_rss_gib": setup_rss,
+           "step_peak_rss_gib_ordinary": max(peaks["ordinary"]) if peaks["ordinary"] else None,
+           "step_peak_rss_gib_window": max(peaks["window"]) if peaks["window"] else None,
            "adapter_bytes": adapter_bytes(model, method), "device": torch.cuda.get_device_name() if cuda else "cpu"}
     if cuda:
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -167,11 +217,11 @@ def run_one(setup: str, method: str) -> dict:
 
 
 def grad_values_dense(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(g^T x)[idx]: one dense [out, in] product, then a gather (the layer's choice)."""
+    """(g^T x)[idx]: one dense [out, in] product, then a gather (the `kernel: dense` path)."""
     return (g.t() @ x).float().reshape(-1)[idx]
 
 
-def grad_values_sddmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def grad_values_gather(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """(g^T x)[idx] as sum_t g[t, row] * x[t, col], `chunk` slots at a time (never a dense [out, in])."""
     rows, cols = idx // x.shape[1], idx % x.shape[1]
     res = torch.empty(idx.numel(), device=g.device)
@@ -193,42 +243,171 @@ def _median_ms(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(samples[1:])
 
 
-def compare_backward(device: str, shapes, tokens: int, repeats: int = 5) -> list[dict]:
-    """Median ms for grad(values) at LoRA-r=8 budgets: dense g^T x + gather vs chunked SDDMM."""
-    rows = []
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def compare_kernels(device: str, shapes, tokens: int, repeats: int = 9) -> dict[str, list[dict]]:
+    """Median ms of every kernel variant behind `SeftConfig.kernel`, per linear shape at a LoRA-r=8 budget."""
+    from seft.tuner import sparse_ops as SO
+    from seft.tuner.function import delta_weight, effective_weight
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {"backward": [], "forward": [], "qseft_delta": [], "density": []}
     for out_f, in_f in shapes:
         k = 8 * (in_f + out_f)
-        g = torch.randn(tokens, out_f, device=device, dtype=dtype)
-        x = torch.randn(tokens, in_f, device=device, dtype=dtype)
-        idx = torch.randperm(out_f * in_f, device=device)[:k]
-        ref, alt = grad_values_dense(g, x, idx), grad_values_sddmm(g, x, idx)
-        assert torch.allclose(ref, alt, rtol=5e-2, atol=5e-2 * tokens**0.5)
-        cuda = device == "cuda"
-        rows.append({"shape": f"{out_f}x{in_f}", "k": k, "tokens": tokens,
-                     "dense_gather_ms": _median_ms(lambda: grad_values_dense(g, x, idx), repeats, cuda),  # noqa: B023
-                     "sddmm_ms": _median_ms(lambda: grad_values_sddmm(g, x, idx), repeats, cuda)})  # noqa: B023
+        g = torch.randn(tokens, out_f, device=device, dtype=dtype, generator=gen)
+        x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen)
+        idx = torch.randperm(out_f * in_f, device=device, generator=gen)[:k]
+        removed = torch.randperm(out_f * in_f, device=device, generator=gen)[: k // 4]
+        values = torch.randn(k, device=device, generator=gen) * 0.01
+        csr = SO.slot_csr(idx, (out_f, in_f))
+        ref = grad_values_dense(g, x, idx)
+        err = (SO.sampled_weight_grad(g, x, csr) - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 5e-2, err
+        shape = f"{out_f}x{in_f}"
+        out["backward"].append({
+            "shape": shape, "k": k, "tokens": tokens, "sampled_rel_err": err,
+            "dense_gather_ms": _median_ms(lambda: grad_values_dense(g, x, idx), repeats, cuda),  # noqa: B023
+            "sampled_ms": _median_ms(lambda: SO.sampled_weight_grad(g, x, csr), repeats, cuda),  # noqa: B023
+            "index_gather_ms": _median_ms(lambda: grad_values_gather(g, x, idx), max(repeats // 3, 1), cuda),  # noqa: B023
+        })
+        dcsr = SO.delta_csr(idx, removed, (out_f, in_f))
+        d_mat, dt_mat = dcsr.matrices(values, w.reshape(-1)[removed].float())
+        out["forward"].append({
+            "shape": shape, "k": k, "tokens": tokens,
+            "base_only_ms": _median_ms(lambda: x @ w.t(), repeats, cuda),  # noqa: B023
+            "dense_w_eff_ms": _median_ms(  # noqa: B023
+                lambda: x @ effective_weight(w, values, idx, removed).t(), repeats, cuda),  # noqa: B023
+            "base_plus_csr_ms": _median_ms(  # noqa: B023
+                lambda: x @ w.t() + SO.csr_linear(x, dcsr.matrices(values, w.reshape(-1)[removed].float())[0]),  # noqa: B023
+                repeats, cuda),
+        })
+        base = w.reshape(-1)[removed].float()
+        size = torch.Size((out_f, in_f))
+        out["qseft_delta"].append({
+            "shape": shape, "k": k, "tokens": tokens,
+            "dense_delta_ms": _median_ms(lambda: (  # noqa: B023
+                x @ delta_weight(size, values, idx, removed, base, dtype).t(),  # noqa: B023
+                g @ delta_weight(size, values, idx, removed, base, dtype)), repeats, cuda),  # noqa: B023
+            "csr_delta_ms": _median_ms(lambda: (  # noqa: B023
+                SO.csr_linear(x, d_mat), SO.csr_linear(g, dt_mat)), repeats, cuda),  # noqa: B023
+        })
+    out_f, in_f = shapes[1] if len(shapes) > 1 else shapes[0]
+    g = torch.randn(tokens, out_f, device=device, dtype=dtype, generator=gen)
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
+    for dens in (0.005, 0.02, 0.05, 0.1, 0.2, 0.4):
+        k = int(dens * out_f * in_f)
+        idx = torch.randperm(out_f * in_f, device=device, generator=gen)[:k]
+        csr = SO.slot_csr(idx, (out_f, in_f))
+        out["density"].append({
+            "shape": f"{out_f}x{in_f}", "density": dens, "k": k, "tokens": tokens,
+            "dense_gather_ms": _median_ms(lambda: grad_values_dense(g, x, idx), repeats, cuda),  # noqa: B023
+            "sampled_ms": _median_ms(lambda: SO.sampled_weight_grad(g, x, csr), repeats, cuda),  # noqa: B023
+        })
+    return out
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per method: medians over its repeated runs."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        row = dict(rs[0])
+        for key in ("step_s_ordinary", "step_s_window", "peak_rss_gib", "setup_rss_gib", "peak_cuda_gib",
+                    "setup_cuda_gib", "step_peak_rss_gib_ordinary", "step_peak_rss_gib_window"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            row[key] = statistics.median(vals) if vals else None
+        row["repeats"] = len(rs)
+        row["step_s_ordinary_all"] = [round(r["step_s_ordinary"], 4) for r in rs]
+        rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    """Step times and training memory (peak minus the memory after setup), each as a ratio to LoRA's."""
     lora = next((r for r in rows if r["method"] == "lora"), None)
-    gpu = "peak_cuda_gib" in rows[0]
-    mem_key = "peak_cuda_gib" if gpu else "peak_rss_gib"
-    head = ("| method | trainable | ordinary step (s) | window step (s) | vs LoRA step | "
-            + ("peak CUDA (GiB) |" if gpu else "peak RSS (GiB) | RSS over setup (GiB) |")
-            + " vs LoRA mem | saved (MB) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    gpu = rows[0].get("peak_cuda_gib") is not None
+    if gpu:
+        mem = [("peak CUDA over setup (GiB)", lambda r: r["peak_cuda_gib"] - r["setup_cuda_gib"])]
+    else:
+        mem = [("ordinary-step peak over setup (GiB)", lambda r: r["step_peak_rss_gib_ordinary"] - r["setup_rss_gib"]),
+               ("window-step peak over setup (GiB)",
+                lambda r: None if r["step_peak_rss_gib_window"] is None else
+                r["step_peak_rss_gib_window"] - r["setup_rss_gib"])]
+    head = ["method", "trainable", "ordinary step (s)", "window step (s)", "vs LoRA step"]
+    for name, _ in mem:
+        head += [name, "vs LoRA"]
+    head += ["setup RSS (GiB)" if not gpu else "setup CUDA (GiB)", "saved (MB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        over = r[mem_key] - (r["setup_cuda_gib"] if gpu else r["setup_rss_gib"])
-        mem_ratio = (over / (lora[mem_key] - (lora["setup_cuda_gib"] if gpu else lora["setup_rss_gib"]))
-                     if lora else float("nan"))
-        window = f"{r['step_s_window']:.3f} (n={r['window_steps']})" if r["step_s_window"] else "-"
-        cells = [r["method"], f"{r['trainable_params']:,}", f"{r['step_s_ordinary']:.3f} (n={r['ordinary_steps']})",
-                 window, f"{r['step_s_ordinary'] / lora['step_s_ordinary']:.2f}x" if lora else "-"]
-        cells += [f"{r[mem_key]:.2f}"] if gpu else [f"{r[mem_key]:.2f}", f"{over:.2f}"]
-        cells += [f"{mem_ratio:.2f}x", f"{r['adapter_bytes'] / 1e6:.1f}"]
+        window = f"{r['step_s_window']:.3f}" if r["step_s_window"] else "-"
+        cells = [r["method"], f"{r['trainable_params']:,}",
+                 f"{r['step_s_ordinary']:.3f} (n={r['ordinary_steps']} x {r['repeats']})", window,
+                 f"{r['step_s_ordinary'] / lora['step_s_ordinary']:.2f}x" if lora else "-"]
+        for _, get in mem:
+            value = get(r)
+            # LoRA has no window steps: window-step memory is compared with LoRA's ordinary steps
+            ref = (get(lora) if get(lora) is not None else mem[0][1](lora)) if lora else None
+            cells += ["-", "-"] if value is None else [f"{value:.3f}", f"{value / ref:.2f}x" if ref else "-"]
+        cells += [f"{r['setup_cuda_gib' if gpu else 'setup_rss_gib']:.2f}", f"{r['adapter_bytes'] / 1e6:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kernel_tables(k: dict[str, list[dict]]) -> str:
+    def rows(items, cols):
+        head = "| " + " | ".join(c for c, _ in cols) + " |"
+        body = ["| " + " | ".join(fmt(r) for _, fmt in cols) + " |" for r in items]
+        return "\n".join([head, "|" + "---|" * len(cols), *body])
+
+    ms = lambda key: (lambda r: f"{r[key]:.2f}")  # noqa: E731
+    ratio = lambda a, b: (lambda r: f"{r[a] / r[b]:.1f}x")  # noqa: E731
+    return "\n\n".join([
+        "### grad(values) outside statistics windows (ms per linear)",
+        rows(k["backward"], [("shape", lambda r: r["shape"]), ("k", lambda r: f"{r['k']:,}"),
+                             ("tokens", lambda r: str(r["tokens"])), ("dense g^T x + gather", ms("dense_gather_ms")),
+                             ("sampled_addmm", ms("sampled_ms")), ("index gather", ms("index_gather_ms")),
+                             ("dense / sampled", ratio("dense_gather_ms", "sampled_ms")),
+                             ("sampled max rel. error", lambda r: f"{r['sampled_rel_err']:.1e}")]),
+        "### forward of a plain base (ms per linear; k slots, k/4 removed)",
+        rows(k["forward"], [("shape", lambda r: r["shape"]), ("x W^T alone", ms("base_only_ms")),
+                            ("x W_eff^T (transient dense W_eff)", ms("dense_w_eff_ms")),
+                            ("x W^T + CSR correction", ms("base_plus_csr_ms"))]),
+        "### 4-bit base (QSEFT): the delta's forward + grad_x (ms per linear)",
+        rows(k["qseft_delta"], [("shape", lambda r: r["shape"]), ("dense D (2 GEMMs)", ms("dense_delta_ms")),
+                                ("CSR D (2 SpMMs)", ms("csr_delta_ms")),
+                                ("dense / CSR", ratio("dense_delta_ms", "csr_delta_ms"))]),
+        "### crossover: grad(values) by budget density (`kernel: auto` threshold)",
+        rows(k["density"], [("shape", lambda r: r["shape"]), ("density", lambda r: f"{r['density']:g}"),
+                            ("k", lambda r: f"{r['k']:,}"), ("dense + gather", ms("dense_gather_ms")),
+                            ("sampled", ms("sampled_ms")), ("dense / sampled", ratio("dense_gather_ms", "sampled_ms"))]),
+    ])
+
+
+def markdown(args, rows: list[dict], kernels: dict | None, seconds: float) -> str:
+    cfg = SETUPS[args.setup]
+    threads = torch.get_num_threads()
+    lines = [
+        f"# Training speed and memory ({args.setup}): SEFT vs LoRA vs full fine-tuning with a mask", "",
+        f"Written by `python benchmarks/train_speed.py {' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min "
+        f"({os.cpu_count()} CPU cores, torch {threads} threads per process).", "",
+        f"Equal trainable parameters (SEFT `lora_rank=8` = peft LoRA r=8 on q,k,v,o,gate,up,down), torch AdamW, "
+        f"batch {cfg['batch']} x {cfg['seq']} tokens, {cfg['warmup']} warm-up + {cfg['steps']} measured steps per "
+        f"run, SEFT `update_interval={cfg['update_interval']}, stat_window={cfg['stat_window']}` (so window steps, "
+        f"with the dense weight gradient and the topology update, are reported apart). `seft` = the default "
+        f"kernel (`auto`), `seft-dense` = `kernel: dense`, the path before the sampled product. Each method ran "
+        f"{args.repeats} times in its own subprocess, interleaved; step times are medians over repeats of each "
+        f"run's median. Memory: the resident set sampled every 2 ms by a thread, its peak per step kind "
+        f"(ordinary steps, statistics-window steps) minus the RSS after setup (model loaded, pruned and wrapped): "
+        f"the training overhead, median over repeats; glibc runs with `MALLOC_MMAP_THRESHOLD_=65536` so freed "
+        f"tensors return to the OS and RSS follows live memory (without it, `ru_maxrss` mostly measures the "
+        f"allocator's high-water mark).", "",
+        table(rows), "",
+    ]
+    if kernels:
+        lines += ["## Kernels", "",
+                  f"Medians of repeats on random operands, {'bf16' if args.setup == 'gpu' else 'fp32'}, one "
+                  "process.", "", kernel_tables(kernels), ""]
     return "\n".join(lines)
 
 
@@ -237,32 +416,41 @@ def main() -> None:
     ap.add_argument("--setup", choices=sorted(SETUPS), default="cpu")
     ap.add_argument("--method", choices=METHODS, help="internal: run one method in this process")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--backward", action="store_true", help="also time dense+gather vs SDDMM grad(values)")
-    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; medians are reported")
+    ap.add_argument("--kernels", action="store_true", help="also time the kernel variants behind SeftConfig.kernel")
+    ap.add_argument("--out", type=Path, help="JSON rows (default benchmarks/results/train_speed_SETUP.json)")
+    ap.add_argument("--md", type=Path, help="markdown table (default benchmarks/results/train_speed.md on cpu)")
     args = ap.parse_args()
     if args.setup == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--setup gpu needs CUDA")
     if args.method:
         print(json.dumps(run_one(args.setup, args.method)))
         return
-    rows = []
-    for method in args.methods.split(","):
-        done = subprocess.run([sys.executable, __file__, "--setup", args.setup, "--method", method],
-                              check=True, capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    results = ROOT / "benchmarks" / "results"
+    out = args.out or results / f"train_speed_{args.setup}.json"
+    md = args.md or results / ("train_speed.md" if args.setup == "cpu" else f"train_speed_{args.setup}.md")
+    t0 = time.perf_counter()
+    runs = []
+    for rep in range(args.repeats):
+        for method in args.methods.split(","):
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+            done = subprocess.run([sys.executable, __file__, "--setup", args.setup, "--method", method],
+                                  check=True, capture_output=True, text=True, env=env)
+            runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": rep})
+            print(json.dumps(runs[-1]), flush=True)
+    rows = summarize(runs)
     print(table(rows))
-    result = {"rows": rows, "table": table(rows)}
-    if args.backward:
+    kernels = None
+    if args.kernels:
         device = "cuda" if args.setup == "gpu" else "cpu"
         shapes = [(4096, 4096), (11008, 4096), (4096, 11008)] if device == "cuda" else [(576, 576), (1536, 576),
                                                                                            (576, 1536)]
-        tokens = SETUPS[args.setup]["batch"] * SETUPS[args.setup]["seq"]
-        result["backward"] = compare_backward(device, shapes, tokens)
-        for row in result["backward"]:
-            print(row)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        kernels = compare_kernels(device, shapes, SETUPS[args.setup]["batch"] * SETUPS[args.setup]["seq"])
+        print(kernel_tables(kernels))
+    text = markdown(args, rows, kernels, time.perf_counter() - t0)
+    out.write_text(json.dumps({"runs": runs, "rows": rows, "kernels": kernels}, indent=1))
+    md.write_text(text)
+    print(f"wrote {md} and {out}")
 
 
 if __name__ == "__main__":

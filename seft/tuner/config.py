@@ -19,6 +19,7 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from ..errors import SeftError, choices_hint
+from .sparse_ops import KERNELS
 from .topology import GROWTHS, SCHEDULES, SENSITIVITIES
 
 DEFAULT_LORA_RANK = 8
@@ -71,6 +72,10 @@ class SeftConfig(PeftConfig):
     regrow_warmup: int = field(default=10, metadata={"help": "Steps over which a regrown slot's update ramps up."})
     candidates: int | None = field(default=None, metadata={"help": "Window candidates per kind; None = k."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial slot draw."})
+    kernel: str = field(default="auto", metadata={
+        "help": "auto | sparse | dense: grad(values) by a sampled product outside statistics windows (and CSR "
+                "products for a 4-bit base's delta), or the dense weight gradient + gather; auto = sparse on "
+                "CPU up to 10% density, dense on accelerators (measured in benchmarks/train_speed.py)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +107,8 @@ class SeftConfig(PeftConfig):
             raise SeftError(f"unknown sensitivity {self.sensitivity!r}; {choices_hint(self.sensitivity, SENSITIVITIES)}")
         if self.growth not in GROWTHS:
             raise SeftError(f"unknown growth {self.growth!r}; {choices_hint(self.growth, GROWTHS)}")
+        if self.kernel not in KERNELS:
+            raise SeftError(f"unknown kernel {self.kernel!r}; {choices_hint(self.kernel, KERNELS)}")
         if int(self.regrow_warmup) < 0:
             raise SeftError(f"regrow_warmup must be >= 0, got {self.regrow_warmup}")
         if self.candidates is not None and int(self.candidates) < 1:

@@ -1,16 +1,20 @@
 """The SEFT linear as a custom autograd Function.
 
-Forward builds the effective weight `W_eff = W with removed zeroed, plus
-scatter(indices, values)` transiently, applies it, and lets it go: only `x`,
-the (frozen, already resident) base weight and the O(k) tensors are saved.
-Backward rebuilds `W_eff` for `grad_x`, and forms the dense weight gradient
-`G = g^T x` once, which serves both purposes:
-  - `grad_values = G.flatten()[indices]` (dense product then gather: a
-    chunked SDDMM was 5-14x slower on CPU, see benchmarks/train_speed.py);
-  - during a statistics window `G` and the layer input are handed to
+Forward applies the effective weight `W_eff = W with removed zeroed, plus
+scatter(indices, values)` and lets it go: only `x`, the (frozen, already
+resident) base weight and the O(k) tensors are kept. With the sparse kernel
+`W_eff` is the base weight patched in place at its O(k) changed positions
+and restored (`patched_weight`); otherwise a transient dense copy. (A base
+product plus a CSR correction was measured slower on CPU than either, see
+sparse_ops.py.) Backward rebuilds `W_eff` the same way for `grad_x`. The weight gradient `G = g^T x` is needed:
+  - outside statistics windows only at the slots: with a `SlotCSR` (the
+    layer's `kernel` picked the sparse path) `grad_values` is a sampled
+    product (SDDMM) in O(k * tokens); without one, the dense `G` is formed
+    and gathered;
+  - during a statistics window densely: `G` and the layer input are handed to
     `sink(G, x)` (the layer's accumulator), which keeps only candidate
-    entries (and, for `growth: normalized`, per-channel sums of x**2); `G`
-    is then freed.
+    entries (and, for `growth: normalized`, per-channel sums of x**2);
+    `grad_values` is gathered from the same `G`, which is then freed.
 
 dtypes: the base weight may be fp32, bf16 or fp16; `W_eff` is built in the
 base dtype (so a bf16 base adds fp32 values rounded to bf16 — the same
@@ -23,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
+
+from .sparse_ops import DeltaCSR, SlotCSR, csr_linear, sampled_weight_grad
 
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]  # (G [out, in], the layer input x [tokens, in])
 
@@ -37,9 +43,46 @@ def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.
     return flat.view_as(weight)
 
 
+class patched_weight:
+    """Context manager: the base weight itself edited into `W_eff` in place, restored exactly on exit.
+
+    Instead of a dense copy of W per forward and per backward (a full
+    `out x in` copy into fresh memory, measured ~9% of a SmolLM2 step on
+    CPU), the k slot positions and the removed positions are saved, edited
+    and written back: O(k) work, bit-exact restore (the saved originals, not
+    a subtraction). The same rounding as `effective_weight` (values added in
+    the base dtype). Not for a weight that another thread reads concurrently;
+    a non-contiguous weight falls back to the copy.
+    """
+
+    def __init__(self, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor):
+        self.weight, self.values, self.indices, self.removed = weight.detach(), values, indices, removed
+
+    def __enter__(self) -> torch.Tensor:
+        if not self.weight.is_contiguous():
+            self.saved = None
+            return effective_weight(self.weight, self.values, self.indices, self.removed)
+        flat = self.weight.view(-1)
+        idx = self.indices.long()
+        rem = self.removed.long()
+        self.pos = torch.cat([idx, rem]) if rem.numel() else idx
+        self.saved = flat[self.pos]
+        if rem.numel():
+            flat[rem] = 0
+        flat.index_add_(0, idx, self.values.detach().to(flat.dtype))
+        return self.weight
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            self.weight.view(-1)[self.pos] = self.saved
+
+
 def _weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, sink: GradSink | None,
-                 want_values: bool) -> torch.Tensor | None:
+                 want_values: bool, csr: SlotCSR | None = None) -> torch.Tensor | None:
     """`G[indices]` for `values`, and the dense `G = g^T x` [out, in] for an open window.
+
+    With no window and a `csr` view of the slots, `G[indices]` is sampled
+    directly (no dense product).
 
     G is formed as `(x^T g)` [in, out] and read through its transpose: on CPU
     BLAS that orientation was ~1.8x faster than `g^T x` at SmolLM2 shapes
@@ -49,6 +92,8 @@ def _weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
     """
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+    if sink is None and csr is not None:
+        return sampled_weight_grad(g2, x2, csr) if want_values else None
     g_t = (x2.t() @ g2).float()  # [in, out] = G^T, transient
     if sink is not None:
         sink(g_t.t().contiguous(), x2)
@@ -64,29 +109,40 @@ class SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
-                indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None) -> torch.Tensor:
-        w_eff = effective_weight(weight, values, indices, removed).to(x.dtype)
-        out = F.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(x, weight, values, indices, removed)
-        ctx.sink = sink
+                indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None,
+                csr: SlotCSR | None, in_place: bool) -> torch.Tensor:
+        bias = None if bias is None else bias.to(x.dtype)
+        if in_place:
+            with patched_weight(weight, values, indices, removed) as w_eff:
+                out = F.linear(x, w_eff.to(x.dtype), bias)
+        else:
+            out = F.linear(x, effective_weight(weight, values, indices, removed).to(x.dtype), bias)
+        # the frozen base weight is kept as an attribute, not saved: the in-place patch bumps its version
+        ctx.save_for_backward(x, values, indices, removed)
+        ctx.weight, ctx.sink, ctx.csr, ctx.in_place = weight, sink, csr, in_place
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, values, indices, removed = ctx.saved_tensors
+        x, values, indices, removed = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            w_eff = effective_weight(weight, values, indices, removed).to(grad_out.dtype)
-            grad_x = (grad_out @ w_eff).to(x.dtype)
-            del w_eff
+            if ctx.in_place:
+                with patched_weight(weight, values, indices, removed) as w_eff:
+                    grad_x = (grad_out @ w_eff.to(grad_out.dtype)).to(x.dtype)
+            else:
+                grad_x = (grad_out @ effective_weight(weight, values, indices, removed).to(grad_out.dtype)
+                          ).to(x.dtype)
         if ctx.needs_input_grad[3] or ctx.sink is not None:
-            grad_values = _weight_grad(grad_out, x, indices, ctx.sink, ctx.needs_input_grad[3])
-        return grad_x, None, None, grad_values, None, None, None
+            grad_values = _weight_grad(grad_out, x, indices, ctx.sink, ctx.needs_input_grad[3], ctx.csr)
+        return grad_x, None, None, grad_values, None, None, None, None, None
 
 
 def seft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
-                indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None = None) -> torch.Tensor:
-    return SparseDeltaLinear.apply(x, weight, bias, values, indices, removed, sink)
+                indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None = None,
+                csr: SlotCSR | None = None, in_place: bool = False) -> torch.Tensor:
+    return SparseDeltaLinear.apply(x, weight, bias, values, indices, removed, sink, csr, in_place)
 
 
 def delta_weight(shape: torch.Size, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
@@ -102,30 +158,45 @@ def delta_weight(shape: torch.Size, values: torch.Tensor, indices: torch.Tensor,
 class SparseDelta(torch.autograd.Function):
     """y = x @ D^T for a quantized base whose own matmul runs separately (QSEFT, see quant.py).
 
-    Saves `x` (which the base's matmul saves too: same storage) and O(k) tensors;
-    backward rebuilds D for `grad_x` and forms `G = g^T x` for `grad_values` and the window.
+    Saves `x` (which the base's matmul saves too: same storage) and O(k) tensors.
+    With a `DeltaCSR` (sparse kernel) forward and `grad_x` are CSR products and
+    `grad_values` is sampled; otherwise D is built densely (transiently) and
+    backward forms the dense `G = g^T x`. A window always gets the dense `G`.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
-                removed_base: torch.Tensor, shape: torch.Size, sink: GradSink | None) -> torch.Tensor:
-        out = F.linear(x, delta_weight(shape, values, indices, removed, removed_base, x.dtype))
+                removed_base: torch.Tensor, shape: torch.Size, sink: GradSink | None,
+                csr: tuple[SlotCSR, DeltaCSR] | None) -> torch.Tensor:
+        if csr is None:
+            out = F.linear(x, delta_weight(shape, values, indices, removed, removed_base, x.dtype))
+        else:
+            d, _ = csr[1].matrices(values, removed_base)
+            out = csr_linear(x.reshape(-1, x.shape[-1]), d).reshape(*x.shape[:-1], shape[0])
         ctx.save_for_backward(x, values, indices, removed, removed_base)
-        ctx.shape, ctx.sink = shape, sink
+        ctx.shape, ctx.sink, ctx.csr = shape, sink, csr
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, values, indices, removed, removed_base = ctx.saved_tensors
         grad_x = grad_values = None
+        csr = ctx.csr
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ delta_weight(ctx.shape, values, indices, removed, removed_base,
-                                              grad_out.dtype)).to(x.dtype)
+            if csr is None:
+                grad_x = (grad_out @ delta_weight(ctx.shape, values, indices, removed, removed_base,
+                                                  grad_out.dtype)).to(x.dtype)
+            else:
+                _, d_t = csr[1].matrices(values, removed_base)
+                g2 = grad_out.reshape(-1, grad_out.shape[-1])
+                grad_x = csr_linear(g2, d_t).reshape(*grad_out.shape[:-1], ctx.shape[1]).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.sink is not None:
-            grad_values = _weight_grad(grad_out, x, indices, ctx.sink, ctx.needs_input_grad[1])
-        return grad_x, grad_values, None, None, None, None, None
+            grad_values = _weight_grad(grad_out, x, indices, ctx.sink, ctx.needs_input_grad[1],
+                                       None if csr is None else csr[0])
+        return grad_x, grad_values, None, None, None, None, None, None
 
 
 def sparse_delta(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
-                 removed_base: torch.Tensor, shape: torch.Size, sink: GradSink | None = None) -> torch.Tensor:
-    return SparseDelta.apply(x, values, indices, removed, removed_base, shape, sink)
+                 removed_base: torch.Tensor, shape: torch.Size, sink: GradSink | None = None,
+                 csr: tuple[SlotCSR, DeltaCSR] | None = None) -> torch.Tensor:
+    return SparseDelta.apply(x, values, indices, removed, removed_base, shape, sink, csr)

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import SeftError
 from ..sparsity import Pattern, detect_nm, index_dtype
+from . import sparse_ops as SO
 from . import topology as T
 from .function import effective_weight, seft_linear, sparse_delta
 from .quant import is_4bit
@@ -58,6 +59,7 @@ class LayerMeta:
     k: int  # slots
     nm: Pattern  # detected N:M pattern, or None
     candidates: int  # window candidates per kind
+    kernel: str = "auto"  # SeftConfig.kernel: sparse products (sampled grad, CSR delta) or dense
 
 
 class WindowAccumulator:
@@ -162,6 +164,7 @@ class SeftLayer(BaseTunerLayer):
         self.seft_window: dict[str, WindowAccumulator] = {}
         self._seft_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._seft_removed_base: tuple[torch.Tensor, int, torch.Tensor] | None = None  # 4-bit: W_q[removed]
+        self._seft_csr: dict[str, tuple] = {}  # adapter -> (key tensors + versions, SlotCSR, DeltaCSR | None)
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
@@ -193,7 +196,8 @@ class SeftLayer(BaseTunerLayer):
         self.seft_removed[adapter_name] = torch.empty(0, dtype=idx_dtype, device=device)
         self.seft_age[adapter_name] = torch.full((k,), int(config.regrow_warmup), dtype=torch.int32, device=device)
         cands = int(config.candidates) if config.candidates is not None else k
-        self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands)
+        self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands,
+                                                 kernel=getattr(config, "kernel", "auto"))
         self.set_adapter(self.active_adapters)
 
     def topology_weight(self) -> torch.Tensor:
@@ -229,6 +233,29 @@ class SeftLayer(BaseTunerLayer):
                 logger.warning("%s was cast to %s; restoring integer dtype", name, t.dtype)
                 getattr(self, name)[adapter] = t.round().to(want)
         return self.seft_values[adapter], self.seft_indices[adapter], self.seft_removed[adapter]
+
+    def slot_views(self, adapter: str, device: torch.device, with_delta: bool) -> tuple | None:
+        """CSR views of the slots (and, for a 4-bit base, of the whole delta) if the sparse kernel is on.
+
+        Rebuilt only when `indices` or `removed` changed (topology update,
+        load, device move): the cache holds the tensors themselves and their
+        in-place versions.
+        """
+        meta = self.seft_meta[adapter]
+        if not SO.use_sparse_kernel(meta.kernel, meta.k, self.in_features * self.out_features, device):
+            return None
+        indices, removed = self.seft_indices[adapter], self.seft_removed[adapter]
+        key = (indices, indices._version, removed, removed._version, with_delta)
+        cached = self._seft_csr.get(adapter)
+        if cached is not None and len(cached[0]) == len(key) and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], key)):
+            return cached[1]
+        shape = (self.out_features, self.in_features)
+        with torch.no_grad():
+            slots = SO.slot_csr(indices, shape)
+            views = (slots, SO.delta_csr(indices, removed, shape)) if with_delta else slots
+        self._seft_csr[adapter] = (key, views)
+        return views
 
     # --- statistics window -------------------------------------------------------
 
@@ -266,9 +293,13 @@ class Linear(nn.Module, SeftLayer):
         sink = window if (window is not None and torch.is_grad_enabled()) else None
         if is_4bit(base):  # bnb's matmul (its own grad_x) + the delta's contribution
             shape = torch.Size((self.out_features, self.in_features))
-            delta = sparse_delta(x, values, indices, removed, self.removed_base_values(removed), shape, sink)
+            views = self.slot_views(adapter, x.device, with_delta=True)
+            delta = sparse_delta(x, values, indices, removed, self.removed_base_values(removed), shape, sink, views)
             return base(x, *args, **kwargs) + delta.to(x.dtype)
-        return seft_linear(x, base.weight, base.bias, values, indices, removed, sink)
+        meta = self.seft_meta[adapter]
+        sparse = SO.use_sparse_kernel(meta.kernel, meta.k, self.in_features * self.out_features, x.device)
+        views = self.slot_views(adapter, x.device, with_delta=False) if sparse and torch.is_grad_enabled() else None
+        return seft_linear(x, base.weight, base.bias, values, indices, removed, sink, views, in_place=sparse)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
