@@ -20,7 +20,7 @@ from peft.utils.peft_types import PeftType
 
 from ..errors import SeftError, choices_hint
 from .sparse_ops import KERNELS
-from .topology import GROWTHS, SCHEDULES, SENSITIVITIES
+from .topology import GROWTHS, INITS, REGROW_MOMENTS, SCHEDULES, SENSITIVITIES
 
 DEFAULT_LORA_RANK = 8
 PEFT_NAME = "SEFT"
@@ -70,6 +70,13 @@ class SeftConfig(PeftConfig):
         "help": "gradient (|g|) | normalized (|g| / rms of the input channel, the diagonal Gauss-Newton gain) "
                 "grow score."})
     regrow_warmup: int = field(default=10, metadata={"help": "Steps over which a regrown slot's update ramps up."})
+    protect_updates: int = field(default=0, metadata={
+        "help": "A regrown slot is dropped only after all others at the next N topology updates (0 = off)."})
+    init: str = field(default="random", metadata={
+        "help": "random | reselect: initial slots at random active positions; reselect re-chooses all k by "
+                "window |g| after the first stat_window steps (slots already there keep their values)."})
+    regrow_moments: str = field(default="seeded", metadata={
+        "help": "seeded (Adam moments of a regrown slot from its window statistics) | zero (the cold start)."})
     candidates: int | None = field(default=None, metadata={"help": "Window candidates per kind; None = k."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial slot draw."})
     kernel: str = field(default="auto", metadata={
@@ -111,8 +118,20 @@ class SeftConfig(PeftConfig):
             raise SeftError(f"unknown kernel {self.kernel!r}; {choices_hint(self.kernel, KERNELS)}")
         if int(self.regrow_warmup) < 0:
             raise SeftError(f"regrow_warmup must be >= 0, got {self.regrow_warmup}")
+        if int(self.protect_updates) < 0:
+            raise SeftError(f"protect_updates must be >= 0, got {self.protect_updates}")
+        if self.init not in INITS:
+            raise SeftError(f"unknown init {self.init!r}; {choices_hint(self.init, INITS)}")
+        if self.regrow_moments not in REGROW_MOMENTS:
+            raise SeftError(f"unknown regrow_moments {self.regrow_moments!r}; "
+                            f"{choices_hint(self.regrow_moments, REGROW_MOMENTS)}")
         if self.candidates is not None and int(self.candidates) < 1:
             raise SeftError(f"candidates must be >= 1 or None, got {self.candidates}")
+
+    def age_cap(self) -> int:
+        """Slot ages saturate here: past the warm-up, the drop protection and one interval (the churn statistic:
+        a slot grown at an update is `update_interval` old at the next one)."""
+        return max(int(self.regrow_warmup), max(int(self.protect_updates), 1) * int(self.update_interval) + 1)
 
     def budget(self, out_features: int, in_features: int) -> int:
         """k for one `out x in` layer."""

@@ -5,8 +5,9 @@ Per adapter the layer holds (all in the state dict, saved by `save_pretrained`):
   - `seft_indices[a]` : int32/int64 buffer [k] — flat slot positions;
   - `seft_removed[a]` : int buffer [variable] — base weights SEFT pruned away;
   - `seft_age[a]`     : int32 buffer [k] — optimizer steps since a slot was
-    (re)grown, capped at `regrow_warmup`; drives the regrow warm-up and lets a
-    resumed run continue it exactly.
+    (re)grown, capped at `SeftConfig.age_cap()` (at least one update
+    interval); drives the regrow warm-up, the drop exemption of young slots
+    and the churn statistic, and lets a resumed run continue them exactly.
 `n` (the layer's fixed active count) and the N:M pattern are *derived* from
 the frozen base weight at creation, so they need no storage.
 
@@ -73,9 +74,11 @@ class WindowAccumulator:
     ranks first so every rank takes identical decisions.
     """
 
-    def __init__(self, layer: Linear, adapter: str, want_sensitivity: bool, normalized: bool = False):
+    def __init__(self, layer: Linear, adapter: str, want_sensitivity: bool, normalized: bool = False,
+                 reselect: bool = False):
         self.layer, self.adapter, self.want_sensitivity = layer, adapter, want_sensitivity
         self.normalized = normalized  # growth: normalized (score |g| / channel rms)
+        self.reselect = reselect  # init: reselect — slot positions are grow candidates too
         self.grow_idx: torch.Tensor | None = None
         self.sens_idx: torch.Tensor | None = None
         self.x_sq: torch.Tensor | None = None  # sum of x**2 per input channel over the window
@@ -116,7 +119,8 @@ class WindowAccumulator:
         slot_mask = T.flat_mask(layer.seft_indices[a], w.numel())
         base = T.base_active_mask(w, removed)
         score = (grad / T.channel_scale(self.x_sq, self.tokens)).reshape(-1) if self.normalized else g
-        self.grow_idx = T.grow_candidates(score, slot_mask, base if meta.nm else None, meta.candidates)
+        grow_excluded = torch.zeros_like(slot_mask) if self.reselect else slot_mask
+        self.grow_idx = T.grow_candidates(score, grow_excluded, base if meta.nm else None, meta.candidates)
         if self.want_sensitivity:
             self.sens_idx = T.sensitivity_candidates(w, g, base, slot_mask, meta.candidates)
         else:
@@ -194,7 +198,7 @@ class SeftLayer(BaseTunerLayer):
         self.seft_values[adapter_name] = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
         self.seft_indices[adapter_name] = slots.to(device)
         self.seft_removed[adapter_name] = torch.empty(0, dtype=idx_dtype, device=device)
-        self.seft_age[adapter_name] = torch.full((k,), int(config.regrow_warmup), dtype=torch.int32, device=device)
+        self.seft_age[adapter_name] = torch.full((k,), config.age_cap(), dtype=torch.int32, device=device)
         cands = int(config.candidates) if config.candidates is not None else k
         self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands,
                                                  kernel=getattr(config, "kernel", "auto"))
@@ -259,8 +263,9 @@ class SeftLayer(BaseTunerLayer):
 
     # --- statistics window -------------------------------------------------------
 
-    def open_window(self, adapter: str, want_sensitivity: bool, normalized: bool = False) -> None:
-        self.seft_window[adapter] = WindowAccumulator(self, adapter, want_sensitivity, normalized)
+    def open_window(self, adapter: str, want_sensitivity: bool, normalized: bool = False,
+                    reselect: bool = False) -> None:
+        self.seft_window[adapter] = WindowAccumulator(self, adapter, want_sensitivity, normalized, reselect)
 
     def close_window(self, adapter: str) -> WindowAccumulator | None:
         return self.seft_window.pop(adapter, None)

@@ -138,14 +138,16 @@ class SeftModel(BaseTuner):
     def seft_begin_window(self, step: int, total_steps: int) -> bool:
         """Open statistics windows if optimizer step `step` is observed; True if one is open."""
         cfg, adapter = self.seft_config(), self._adapter()
-        if not T.in_stat_window(step, total_steps, cfg.update_interval, cfg.evolve_until, cfg.stat_window):
+        reselect = T.in_reselect_window(step, cfg.init, cfg.stat_window)
+        if not reselect and not T.in_stat_window(step, total_steps, cfg.update_interval, cfg.evolve_until,
+                                                 cfg.stat_window):
             return False
         for layer in self.seft_layers(adapter).values():
             if adapter not in layer.seft_window:
                 meta = layer.seft_meta[adapter]
                 dense = meta.n == layer.in_features * layer.out_features
                 want_sens = cfg.sensitivity == "taylor" and cfg.revive_fraction > 0 and not meta.nm and not dense
-                layer.open_window(adapter, want_sens, normalized=cfg.growth == "normalized")
+                layer.open_window(adapter, want_sens, normalized=cfg.growth == "normalized", reselect=reselect)
         return True
 
     @torch.no_grad()
@@ -180,18 +182,20 @@ class SeftModel(BaseTuner):
             if warming.numel():
                 scale = T.warmup_scale(age[warming], cfg.regrow_warmup).to(values.dtype)
                 values.data[warming] = before + (values.data[warming] - before) * scale
-            age.clamp_(max=cfg.regrow_warmup - 1).add_(1)
+            age.clamp_(max=cfg.age_cap() - 1).add_(1)
 
     @torch.no_grad()
     def seft_update(self, step: int, total_steps: int, optimizer=None) -> dict[str, float] | None:
         """Topology update after optimizer step `step` if it is an update step; stats dict or None."""
         cfg, adapter = self.seft_config(), self._adapter()
-        if not T.is_update_step(step, total_steps, cfg.update_interval, cfg.evolve_until):
+        reselect = T.is_reselect_step(step, cfg.init, cfg.stat_window)
+        if not reselect and not T.is_update_step(step, total_steps, cfg.update_interval, cfg.evolve_until):
             return None
         if optimizer is not None:
             check_optimizer(optimizer)
-        p = T.replace_fraction(step, total_steps, cfg.initial_replace_fraction, cfg.evolve_until, cfg.schedule)
-        totals = dict(replaced=0, revived=0, repruned=0, restored=0, skipped=0, shortfall=0)
+        p = 1.0 if reselect else T.replace_fraction(step, total_steps, cfg.initial_replace_fraction,
+                                                    cfg.evolve_until, cfg.schedule)
+        totals = dict(replaced=0, revived=0, repruned=0, restored=0, skipped=0, shortfall=0, dropped_young=0)
         for name, layer in self.seft_layers(adapter).items():
             window = layer.close_window(adapter)
             stats = window.stats() if window is not None else None
@@ -201,14 +205,22 @@ class SeftModel(BaseTuner):
             meta = layer.seft_meta[adapter]
             values, indices, removed = layer.seft_state(adapter)
             weight = layer.topology_weight().reshape(-1)
+            age = layer.seft_age[adapter]
+            protect = age <= cfg.protect_updates * cfg.update_interval if cfg.protect_updates > 0 else None
             res = T.evolve(weight, values.detach(), indices, removed, stats, T.replace_count(p, meta.k), meta.n,
-                           cfg.revive_fraction, cfg.sensitivity, nm=bool(meta.nm))
+                           cfg.revive_fraction, cfg.sensitivity, nm=bool(meta.nm), protect=protect,
+                           reselect=reselect)
+            # churn: dropped slots grown at the previous update or later
+            totals["dropped_young"] += int((age[res.replaced_slots] <= cfg.update_interval).sum().item())
             indices.copy_(res.indices)
             values.data[res.replaced_slots] = 0.0
-            layer.seft_age[adapter][res.replaced_slots] = 0
+            age[res.replaced_slots] = 0
             layer.seft_removed[adapter] = res.removed.to(removed.device)
             if optimizer is not None:
-                reseed_moments(optimizer, values, res.replaced_slots, res.seed_g_mean, res.seed_g_sq)
+                seed_m, seed_v = res.seed_g_mean, res.seed_g_sq
+                if cfg.regrow_moments == "zero":
+                    seed_m, seed_v = torch.zeros_like(seed_m), torch.zeros_like(seed_v)
+                reseed_moments(optimizer, values, res.replaced_slots, seed_m, seed_v)
             if res.shortfall:
                 logger.warning("SEFT %s: active count off budget by %d after rebalance", name, res.shortfall)
             totals["replaced"] += int(res.replaced_slots.numel())
@@ -220,7 +232,7 @@ class SeftModel(BaseTuner):
         report = self.seft_sparsity_report(adapter)
         stats_out = {f"seft/{key}": float(v) for key, v in totals.items() if key != "skipped"}
         stats_out.update({"seft/layers_skipped": float(totals["skipped"]), "seft/replace_fraction": p,
-                          "seft/sparsity": report["sparsity"]})
+                          "seft/sparsity": report["sparsity"], "seft/reselect": float(reselect)})
         logger.info("SEFT update at step %d: %s", step, stats_out)
         return stats_out
 

@@ -35,6 +35,8 @@ import torch
 SCHEDULES = ("cosine", "linear")
 SENSITIVITIES = ("taylor", "magnitude")
 GROWTHS = ("gradient", "normalized")
+INITS = ("random", "reselect")
+REGROW_MOMENTS = ("seeded", "zero")
 
 
 # --- schedule -----------------------------------------------------------------
@@ -62,6 +64,16 @@ def in_stat_window(step: int, total_steps: int, update_interval: int, evolve_unt
     of an upcoming update, i.e. its gradients must be observed."""
     nxt = next_update_step(step, total_steps, update_interval, evolve_until)
     return nxt is not None and nxt - step < stat_window
+
+
+def is_reselect_step(step: int, init: str, stat_window: int) -> bool:
+    """`init: reselect`: the update after the first `stat_window` optimizer steps re-chooses every slot."""
+    return init == "reselect" and step == stat_window
+
+
+def in_reselect_window(step: int, init: str, stat_window: int) -> bool:
+    """Steps 1..stat_window feed the initial reselection (`init: reselect`)."""
+    return init == "reselect" and 1 <= step <= stat_window
 
 
 def replace_fraction(step: int, total_steps: int, p0: float, evolve_until: float, schedule: str = "cosine") -> float:
@@ -162,11 +174,19 @@ def sensitivity_candidates(weight_flat: torch.Tensor, grad_flat: torch.Tensor, b
 # --- drop and grow ---------------------------------------------------------------
 
 
-def drop_slots(values: torch.Tensor, r: int) -> torch.Tensor:
-    """Slot numbers (0..k-1) of the `r` smallest |values|."""
+def drop_slots(values: torch.Tensor, r: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Slot numbers (0..k-1) of the `r` smallest |values|; `protect`ed slots (bool [k]) go last.
+
+    `protect` is how young slots are exempted from drop (`protect_updates`):
+    a slot regrown a few steps ago has a small |value| by construction, so
+    plain smallest-|value| dropping removes young slots first.
+    """
     if r <= 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
-    return torch.topk(values.detach().abs(), r, largest=False, sorted=False).indices
+    score = values.detach().abs().float()
+    if protect is not None and bool(protect.any()):
+        score = torch.where(protect, score + score.max() + 1.0, score)  # after every unprotected slot, in |value| order
+    return torch.topk(score, r, largest=False, sorted=False).indices
 
 
 def choose_growth(score: torch.Tensor, is_revival: torch.Tensor, r: int, max_revivals: int) -> torch.Tensor:
@@ -230,12 +250,22 @@ def evolve(
     revive_fraction: float,
     sensitivity: str = "taylor",
     nm: bool = False,
+    protect: torch.Tensor | None = None,
+    reselect: bool = False,
 ) -> EvolveResult:
     """One SEFT topology update (DESIGN.md §1 steps 2, 3 and 5) for one layer.
 
-    Drop the `r` smallest-|value| slots, grow at the largest-|g_mean| window
-    candidates (revival capped at `revive_fraction * r`; none in N:M mode),
-    then rebalance `removed` so the active count is exactly `n`.
+    Drop the `r` smallest-|value| slots (`protect`ed ones last), grow at the
+    largest-|g_mean| window candidates (revival capped at
+    `revive_fraction * r`; none in N:M mode), then rebalance `removed` so the
+    active count is exactly `n`.
+
+    `reselect` (the initial reselection, `init: reselect`): the candidates
+    may include slot positions and the new slot set is the top-k of them;
+    slots already there keep their position and value, the others move to
+    the chosen positions that hold no slot (fewest-|value| first if there
+    are fewer of those). `r` is ignored.
+
     Does not touch `values` or the optimizer; the caller zeroes values and
     re-seeds moments at `replaced_slots` from `seed_g_mean`/`seed_g_sq`.
     """
@@ -256,11 +286,23 @@ def evolve(
     if nm:  # N:M: only already-active positions may grow
         keep = ~is_revival
         cand, g_mean, g_sq, score, is_revival = cand[keep], g_mean[keep], g_sq[keep], score[keep], is_revival[keep]
-    max_rev = 0 if nm else int(math.floor(revive_fraction * r + 1e-9))
-    chosen = choose_growth(score, is_revival, r, max_rev)
-    r_eff = int(chosen.numel())
-
-    dropped = drop_slots(values, r_eff)
+    if reselect:
+        k = slots.numel()
+        max_rev = 0 if nm else int(math.floor(revive_fraction * k + 1e-9))
+        top = choose_growth(score, is_revival, k, max_rev)  # the new slot set, best first
+        old_mask = flat_mask(slots, numel)
+        already = old_mask[cand[top]]
+        chosen = top[~already]  # chosen positions that hold no slot yet
+        keep = flat_mask(cand[top[already]], numel)[slots]  # slots sitting on a chosen position
+        movable = (~keep).nonzero().flatten()
+        n_move = min(int(chosen.numel()), int(movable.numel()))
+        order = torch.argsort(values.detach().abs()[movable], stable=True)
+        dropped = movable[order[:n_move]]
+        chosen = chosen[:n_move]
+    else:
+        max_rev = 0 if nm else int(math.floor(revive_fraction * r + 1e-9))
+        chosen = choose_growth(score, is_revival, r, max_rev)
+        dropped = drop_slots(values, int(chosen.numel()), protect)
     new_slots = slots.clone()
     new_slots[dropped] = cand[chosen]
     revived = int(is_revival[chosen].sum().item())
