@@ -57,10 +57,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. prune.sparsity=0.6")
 
 
+def overwrite_warning(resolved: dict) -> str | None:
+    """What `overwrite: true` would do to the recipe's existing output (None when it does nothing)."""
+    from pathlib import Path
+
+    from ..io import describe_output, replacement_problem
+
+    output = Path(str(resolved.get("output", ""))).expanduser()
+    if not resolved.get("overwrite") or not (output.exists() or output.is_symlink()):
+        return None
+    problem = replacement_problem(output, _recipe_inputs(resolved))
+    if problem:
+        return f"overwrite: true, but the run will refuse to replace {output}: {problem}"
+    return f"overwrite: true will replace {output.resolve()} ({describe_output(output)}) at the end of the run"
+
+
+def _recipe_inputs(resolved: dict):
+    from ..io import input_paths
+    from ..models import local_model_folder
+
+    sections = [resolved.get("prune") or {}, resolved.get("finetune") or {}]
+    data = [s.get(k) for s in sections for k in ("calibration", "data", "eval_data")]
+    return input_paths(local_model_folder(str(resolved.get("model", ""))), *[d for d in data if isinstance(d, str)])
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from ..recipe import dump_recipe, load_recipe
 
     kind, resolved = resolve(load_recipe(args.recipe, args.overrides))
     print(f"# {args.recipe}: valid {kind} recipe (resolved)")
     print(dump_recipe(resolved), end="")
+    warning = overwrite_warning(resolved)
+    if warning:
+        print(f"seft validate: warning: {warning}", file=sys.stderr)
     return 0
