@@ -132,6 +132,69 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     raise SeftError(f"no model folder {name!r} and no such alias; {choices_hint(name, ALIASES)}")
 
 
+def local_model_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The folder a model name reads from, if it is local and exists (an alias's cache; never builds it)."""
+    name = str(name_or_path)
+    folder = cache_root() / name if name in ALIASES else Path(name).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def checkpoint_bytes(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> int | None:
+    """About how many bytes a checkpoint of this model takes (its weight files, rescaled to `dtype`).
+
+    None when the model is not a local folder (or a built embedded cache): a
+    hub model's size is not known before it is downloaded.
+    """
+    folder = local_model_folder(name_or_path)
+    if folder is None:
+        return None
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+    if not size:
+        return None
+    want = parse_dtype(dtype)
+    if want is not None:
+        import json
+
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            stored = parse_dtype(config.get("dtype") or config.get("torch_dtype") or "float32")
+        except (OSError, ValueError, SeftError):
+            stored = None
+        if stored is not None:
+            size = size * want.itemsize // stored.itemsize
+    return size
+
+
+def max_positions(config) -> int | None:
+    """The model's maximum sequence length (`max_position_embeddings`), if it states one."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_seq_len(config, **lengths: int | None) -> None:
+    """SeftError if a sequence length exceeds what the model was built for (name=value pairs)."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    for name, value in lengths.items():
+        if value is not None and int(value) > limit:
+            raise SeftError(f"{name} {value} exceeds the model's maximum of {limit} positions "
+                            f"(max_position_embeddings); use {name} <= {limit}")
+
+
+def load_config(name_or_path: str | os.PathLike):
+    """The model's transformers config (cheap: no weights), after the same checks as `load_model`."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise SeftError(f"could not load a model config from {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    check_supported(config)
+    return config
+
+
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -153,14 +216,10 @@ def load_model(
     `dtype`: None keeps the stored dtype.
     `load_in_4bit`: bitsandbytes NF4 linears for QSEFT (see `_load_4bit`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise SeftError(f"could not load a model config from {name_or_path!r}: {str(exc).splitlines()[0]}") from None
-    check_supported(config)
+    load_config(name_or_path)
     torch_dtype = parse_dtype(dtype)
     if load_in_4bit:
         model = _load_4bit(path, torch_dtype, device)

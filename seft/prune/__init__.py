@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from ..io import atomic_output_dir, check_output_free, write_json
+from ..io import atomic_output_dir, check_output, input_paths, write_json
 from .config import METHODS, PruneConfig
 from .engine import prune_model
 
@@ -34,16 +34,26 @@ def prune_checkpoint(
     Everything cheap is checked first (config, output folder, model path,
     N:M fit), so a typo fails in a second rather than after calibration.
     """
-    from ..models import load_model, save_checkpoint
+    from ..models import (
+        check_seq_len,
+        checkpoint_bytes,
+        load_config,
+        load_model,
+        local_model_folder,
+        save_checkpoint,
+    )
 
     config.validate()
-    check_output_free(output, overwrite)
+    inputs = input_paths(local_model_folder(model_name), config.calibration if config.needs_data else None)
+    plan = check_output(output, overwrite, inputs, size=checkpoint_bytes(model_name, config.dtype))
+    if config.needs_data:
+        check_seq_len(load_config(model_name), seq_len=config.seq_len)
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name, dtype=config.dtype)
     report = prune_model(model, tokenizer, config, progress=progress)
     report["model"] = str(model_name)
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    with atomic_output_dir(output, overwrite=overwrite) as tmp:
+    with atomic_output_dir(plan, command="seft prune") as tmp:
         save_checkpoint(model, tokenizer, tmp)
         report["total_seconds"] = round(time.perf_counter() - t0, 3)
         write_json(Path(tmp) / REPORT_NAME, report)

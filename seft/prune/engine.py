@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data import calibration_windows
 from ..errors import SeftError
-from ..models import SHARED_INPUT_GROUPS, decoder_layers, linear_names, target_linears
+from ..models import SHARED_INPUT_GROUPS, check_seq_len, decoder_layers, linear_names, target_linears, unwrap
 from ..sparsity import sparsity_of
 from .config import PruneConfig
 from .magnitude import magnitude_prune
@@ -127,12 +127,23 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]], keep: bool) -
     return out
 
 
-def _prune_linear(name: str, weight: torch.Tensor, stats: InputStatistics | None, config: PruneConfig) -> torch.Tensor:
+DEAD_INPUTS = "magnitude (every calibration input of this linear was zero)"
+
+
+def _prune_linear(name: str, weight: torch.Tensor, stats: InputStatistics | None, config: PruneConfig
+                  ) -> tuple[torch.Tensor, str | None]:
+    """(pruned weight, the fallback used or None)."""
     if config.method == "magnitude":
-        return magnitude_prune(weight, config.sparsity, config.nm)
+        return magnitude_prune(weight, config.sparsity, config.nm), None
+    seen = stats.sq_col_norms if config.method == "wanda" else torch.diagonal(stats.hessian)
+    if not bool(seen.any()):
+        # No calibration signal at all. SparseGPT zeroes the weights of dead inputs (they cannot change the
+        # output on this data), which here is the whole layer: far above the target, and dead on real data;
+        # Wanda's scores would all tie. Without information, magnitude is the honest choice.
+        return magnitude_prune(weight, config.sparsity, config.nm), DEAD_INPUTS
     if config.method == "wanda":
-        return wanda_prune(weight, stats.sq_col_norms, config.sparsity, config.nm)
-    return sparsegpt_prune(weight, stats.hessian, config.sparsity, config.nm, config.blocksize, config.percdamp)
+        return wanda_prune(weight, stats.sq_col_norms, config.sparsity, config.nm), None
+    return sparsegpt_prune(weight, stats.hessian, config.sparsity, config.nm, config.blocksize, config.percdamp), None
 
 
 def observe_layer(
@@ -157,14 +168,17 @@ def observe_layer(
     return stats
 
 
-def apply_layer(layer: nn.Module, stats: dict[str, InputStatistics], config: PruneConfig) -> dict[str, dict]:
-    """Prune every target linear of `layer` in place; per-module report keyed by qualified name."""
+def apply_layer(layer: nn.Module, stats: dict[str, InputStatistics], config: PruneConfig, where: str = ""
+                ) -> dict[str, dict]:
+    """Prune every target linear of `layer` in place; per-module report keyed by qualified name.
+
+    A module pruned by a fallback method is logged as a warning and its report entry says so."""
     linears = target_linears(layer, tuple(config.targets))
     qualified = linear_names(layer, tuple(config.targets))
     leader = _leaders(list(linears))
     modules = {}
     for name, linear in linears.items():
-        pruned = _prune_linear(name, linear.weight.data, stats.get(leader[name]), config)
+        pruned, fallback = _prune_linear(name, linear.weight.data, stats.get(leader[name]), config)
         linear.weight.data.copy_(pruned)
         modules[qualified[name]] = {
             "shape": list(linear.weight.shape),
@@ -172,6 +186,9 @@ def apply_layer(layer: nn.Module, stats: dict[str, InputStatistics], config: Pru
             "zeros": int((linear.weight.data == 0).sum().item()),
             "params": linear.weight.numel(),
         }
+        if fallback:
+            modules[qualified[name]]["fallback"] = fallback
+            logger.warning("%s%s: pruned by %s instead of %s", where, qualified[name], fallback, config.method)
     return modules
 
 
@@ -212,6 +229,7 @@ def prune_model(
 
     inputs: list[tuple[tuple, dict]] = []
     if config.needs_data:
+        check_seq_len(unwrap(model).config, seq_len=config.seq_len)
         windows = calibration_windows(tokenizer, config.calibration, config.num_samples, config.seq_len, config.seed)
         inputs = capture_layer_inputs(model, windows, config.batch_size, device)
         logger.info("captured layer-0 inputs: %d x %d tokens from %s", len(windows), config.seq_len, config.calibration)
@@ -223,7 +241,7 @@ def prune_model(
         home = next(layer.parameters()).device
         layer.to(device)
         stats = observe_layer(layer, inputs, config, device)
-        modules = apply_layer(layer, stats, config)
+        modules = apply_layer(layer, stats, config, where=f"layer {index} ")
         del stats
         if config.needs_data:  # the last layer too: cheap, and tests compare every layer's output
             inputs = _run_layer(layer, inputs, keep=True)

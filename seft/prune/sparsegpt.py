@@ -9,7 +9,9 @@ lowest w^2 / [H^-1]_jj^2 over the block) or per N:M group, just before the
 group is processed, so it sees the weights as already updated.
 
 Numerics: fp32 throughout; dead inputs (zero Hessian diagonal) are pinned
-to 1 and their weights zeroed; dampening starts at 1% of the mean diagonal
+to 1 and their weights zeroed (as in the reference code; a layer whose inputs
+are *all* dead never gets here: the engine prunes it by magnitude, with a
+warning, rather than zero it whole); dampening starts at 1% of the mean diagonal
 and grows tenfold on a failed Cholesky. If it still fails, a SeftError —
 never NaN weights.
 """
