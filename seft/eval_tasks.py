@@ -97,16 +97,29 @@ def load_suite(path: str | os.PathLike) -> Suite:
                  path=str(path), **raw)
 
 
-def include_paths(suite_path: str | None = None) -> list[str]:
-    """Folders of local task YAMLs: the suite's sibling `tasks/`, then the repo's eval/tasks."""
-    paths = []
-    if suite_path:
-        sibling = Path(suite_path).resolve().parent / "tasks"
-        if sibling.is_dir():
-            paths.append(str(sibling))
-    if LOCAL_TASKS_DIR.is_dir() and str(LOCAL_TASKS_DIR) not in paths:
-        paths.append(str(LOCAL_TASKS_DIR))
+def include_paths(extra: list[str] | None = None) -> list[str]:
+    """Folders lm-eval may read task YAMLs from: the repo's eval/tasks, then the folders the user named.
+
+    Task YAMLs can run Python (`!function module.fn` imports `module.py` from
+    the YAML's folder), so nothing is added implicitly -- in particular not the
+    `tasks/` folder next to a suite file, which may come from anywhere.
+    """
+    paths = [str(LOCAL_TASKS_DIR)] if LOCAL_TASKS_DIR.is_dir() else []
+    for p in check_include_paths(extra or []):
+        if p not in paths:
+            paths.append(p)
     return paths
+
+
+def check_include_paths(folders: list[str]) -> list[str]:
+    """The user's --include-path folders, resolved; SeftError for one that is not a folder."""
+    out = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise SeftError(f"--include-path {folder!r} is not a folder")
+        out.append(str(path.resolve()))
+    return out
 
 
 def task_manager(include: list[str]):
@@ -157,6 +170,7 @@ def check_tasks(names: list[str], manager, include: list[str]) -> list[str]:
                 f"unknown task {name!r}"
                 + (f"; did you mean {', '.join(close)}?" if close else "")
                 + f" Offline tasks here: {', '.join(local)}; list all with `lm_eval ls tasks`"
+                + " (task folders other than eval/tasks are read only when named with --include-path)"
             )
     hub = [n for n in names if not _is_local(n, manager, include)]
     if hub and hub_offline():

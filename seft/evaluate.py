@@ -35,21 +35,36 @@ from .eval_tasks import Suite, check_tasks, include_paths, task_manager
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHT_FILE = "adapter_model.safetensors"
+PICKLED_ADAPTER_FILE = "adapter_model.bin"
 
 
 # --- loading ----------------------------------------------------------------------
 
 def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    for name in ADAPTER_WEIGHT_FILES:
-        path = adapter_dir / name
-        if path.exists():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+    """The adapter's tensors, from safetensors only: a pickled `.bin` can run code when unpickled."""
+    path = adapter_dir / ADAPTER_WEIGHT_FILE
+    if not path.exists():
+        if (adapter_dir / PICKLED_ADAPTER_FILE).exists():
+            raise SeftError(f"{adapter_dir} holds {PICKLED_ADAPTER_FILE}, a pickle, which seft does not load; "
+                            f"re-save the adapter as {ADAPTER_WEIGHT_FILE} (save_pretrained(..., "
+                            "safe_serialization=True)) where it was made")
+        raise SeftError(f"adapter folder {adapter_dir} holds no {ADAPTER_WEIGHT_FILE}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    raise SeftError(f"adapter folder {adapter_dir} holds no {' or '.join(ADAPTER_WEIGHT_FILES)}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SeftError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:200]}); "
+                        "the file is corrupt or truncated") from None
+
+
+def load_error_line(exc: BaseException) -> str:
+    """The line of a torch/peft load error that names the tensor (not 'Error(s) in loading state_dict ...')."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "size mismatch for" in ln or "Missing key" in ln or "Unexpected key" in ln]
+    return (named or lines or [type(exc).__name__])[0][:400]
 
 
 def _module_for_key(modules: dict[str, nn.Module], key: str) -> tuple[str, nn.Module] | None:
@@ -78,7 +93,12 @@ def check_adapter(base: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
         raise SeftError(f"no adapter folder {str(adapter_dir)!r}")
     if not config_path.exists():
         raise SeftError(f"{adapter_dir} holds no adapter_config.json, so it is not a peft adapter folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SeftError(f"{config_path} is not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(config, dict):
+        raise SeftError(f"{config_path} is not a peft adapter config (a JSON object)")
     modules = dict(base.named_modules())
     what = f"adapter {adapter_dir} (made for {config.get('base_model_name_or_path') or 'an unnamed base'})"
     for key, tensor in _adapter_tensors(adapter_dir).items():
@@ -153,7 +173,7 @@ def load_for_eval(
         try:
             net = PeftModel.from_pretrained(base, str(adapter))
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise SeftError(f"adapter {adapter} could not be applied to {model}: {str(exc).splitlines()[0][:300]}") from None
+            raise SeftError(f"adapter {adapter} could not be applied to {model}: {load_error_line(exc)}") from None
         meta["adapter"] = {"path": str(adapter), "peft_type": config.get("peft_type"),
                            "base_model_name_or_path": config.get("base_model_name_or_path"), "merged": merge}
         if merge:
@@ -213,6 +233,7 @@ def evaluate(
     device: str | None = None,
     dtype: str | None = None,
     merge: bool = False,
+    include: list[str] | None = None,
 ) -> dict[str, Any]:
     """Everything `seft eval` reports, as one JSON-able dict: {'seft': meta, 'lm_eval': ..., 'perplexity': [...]}."""
     from .perplexity import perplexity
@@ -224,7 +245,7 @@ def evaluate(
         raise SeftError("nothing to evaluate: pass --tasks a,b or --suite eval/NAME.yaml")
     limit = limit if limit is not None else suite.limit
     num_fewshot = num_fewshot if num_fewshot is not None else suite.num_fewshot
-    include = include_paths(suite.path)
+    include = include_paths(include)  # never the suite's own folder: task files can run code
     manager = None
     if suite.tasks:
         manager = task_manager(include)  # validate names before the model load
@@ -233,7 +254,7 @@ def evaluate(
     loaded = load_for_eval(model, adapter, dtype=dtype, device=device, merge=merge)
     report: dict[str, Any] = {
         "seft": {**loaded.meta, "suite": suite.path or suite.name, "tasks": suite.tasks, "limit": limit,
-                 "num_fewshot": num_fewshot, "batch_size": batch_size},
+                 "num_fewshot": num_fewshot, "batch_size": batch_size, "include_paths": include},
         "lm_eval": None, "perplexity": [],
     }
     if suite.tasks:

@@ -9,6 +9,11 @@ perplexity entries and settings:
   seft eval --model smollm2-135m --suite eval/offline.yaml --output dense.json
   seft eval --model pruned/ --adapter adapter/ --tasks bb_general_knowledge --limit 50
   seft eval --model pruned/ --suite eval/paper.yaml --batch-size 16 --device cuda
+  seft eval --model pruned/ --suite my/suite.yaml --include-path my/tasks
+
+Task YAMLs can run Python (`!function`), so lm-eval only reads the shipped
+eval/tasks and the folders given with --include-path, never a folder merely
+because it sits next to a suite.
 
 The JSON holds lm-eval's results plus model, adapter and sparsity metadata;
 a markdown table is printed at the end.
@@ -37,17 +42,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (overrides the suite)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    parser.add_argument("--include-path", action="append", default=[], metavar="FOLDER",
+                        help="also load lm-eval task YAMLs from FOLDER (repeatable). Task files may run Python "
+                             "(!function), so only the shipped eval/tasks and folders named here are read")
     parser.add_argument("--output", help="write the results JSON here")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output (a seft results JSON)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval_tasks import load_suite
+    from ..eval_tasks import check_include_paths, load_suite
     from ..evaluate import evaluate, markdown_table
-    from ..io import check_output_free, write_json
+    from ..io import check_output, input_paths, write_output_json
+    from ..models import local_model_folder
 
-    if args.output:
-        check_output_free(args.output, args.overwrite)
+    plan = None
+    if args.output:  # before the work: a results file that cannot be written loses the whole evaluation
+        inputs = input_paths(local_model_folder(args.model), args.adapter, args.suite)
+        plan = check_output(args.output, args.overwrite, inputs, kind="file")
+    include = check_include_paths(args.include_path)
     if args.limit is not None and args.limit < 1:
         raise SeftError(f"--limit must be at least 1, got {args.limit}")
     if args.merge and not args.adapter:
@@ -56,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     report = evaluate(args.model, tasks=tasks, suite=suite, adapter=args.adapter, limit=args.limit,
                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device,
-                      dtype=args.dtype, merge=args.merge)
-    if args.output:
-        write_json(args.output, report)
+                      dtype=args.dtype, merge=args.merge, include=include)
+    if plan is not None:
+        write_output_json(plan, report)
         logger.info("results written to %s", args.output)
     print(markdown_table(report))
     return 0
