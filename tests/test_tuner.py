@@ -220,9 +220,11 @@ def test_int_buffers_survive_casts():
     pm.to(torch.bfloat16)
     layer = next(iter(pm.base_model.seft_layers().values()))
     assert layer.seft_indices["default"].dtype == torch.int32
+    before = layer.seft_indices["default"].clone()
     sd = {k: (v.float() if "seft_indices" in k else v) for k, v in peft.get_peft_model_state_dict(pm).items()}
-    peft.set_peft_model_state_dict(pm, sd)
-    assert layer.seft_indices["default"].dtype == torch.int32
+    with pytest.raises(SeftError, match="seft_indices must be int32 or int64, got float32"):
+        peft.set_peft_model_state_dict(pm, sd)  # refused, never rounded (tests/test_adapter_validation.py)
+    assert layer.seft_indices["default"].dtype == torch.int32 and torch.equal(layer.seft_indices["default"], before)
 
 
 _LOAD_SCRIPT = textwrap.dedent("""

@@ -21,9 +21,10 @@ about topology (that is `model.py`, with the math in `topology.py`).
 Guards:
   - integer buffers are never cast: torch's `.to(dtype)` skips them, peft's
     device move is overridden to move devices only (it would also cast
-    `values` to a bf16 base's dtype), and loading repairs float-stored
-    integers and resizes `removed` (whose length changes with the topology)
-    before `load_state_dict` copies into it.
+    `values` to a bf16 base's dtype), and loading validates the incoming
+    state (validate.py: float-stored or out-of-range integers are refused,
+    never rounded or wrapped) and resizes `removed` (whose length changes
+    with the topology) before `load_state_dict` copies into it.
   - unmerge after merge restores the base weights zeroed by `removed` from a
     backup kept in memory at merge time (not saved: a merged model is meant
     to be unloaded).
@@ -318,10 +319,11 @@ class Linear(nn.Module, SeftLayer):
                 continue
             values, indices, removed = self.seft_state(adapter)
             flat = base.weight.data.reshape(-1)
-            self._seft_merge_backup[adapter] = (removed.clone(), flat[removed.long()].clone())
             merged = effective_weight(base.weight, values, indices, removed)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise SeftError(f"NaNs/Infs in the merged SEFT weight of adapter {adapter!r}; not merged")
+            if not torch.isfinite(merged).all():  # always, not only with safe_merge: NaN weights must not pass
+                raise SeftError(f"NaNs/Infs in the merged SEFT weight of adapter {adapter!r} "
+                                f"({self.out_features}x{self.in_features}); not merged")
+            self._seft_merge_backup[adapter] = (removed.clone(), flat[removed.long()].clone())
             base.weight.data.copy_(merged)
             self.merged_adapters.append(adapter)
 
@@ -341,8 +343,21 @@ class Linear(nn.Module, SeftLayer):
 
 
 def _fit_int_state_before_load(module: SeftLayer, state_dict: dict, prefix: str, *args) -> None:
-    """Before load_state_dict copies: resize `removed` (its length follows the topology)
-    and turn float-stored integers back into the buffer's integer dtype."""
+    """Before load_state_dict copies: validate the incoming state of each adapter (validate.py: a bad
+    one is refused with the layer and the problem), then resize `removed` (its length follows the
+    topology) and cast the integers to the buffer's dtype (safe once the range is checked)."""
+    from .validate import check_layer_state
+
+    layer = prefix.rstrip(".").removeprefix("base_model.model.")
+    for adapter, meta in module.seft_meta.items():
+        incoming = {name: state_dict.get(f"{prefix}{name}.{adapter}") for name in ("seft_values", *INT_STATE)}
+        if all(t is None for t in incoming.values()):
+            continue
+        current = {"seft_values": module.seft_values[adapter].detach(),
+                   **{name: getattr(module, name)[adapter] for name in INT_STATE}}
+        state = {name: incoming[name] if incoming[name] is not None else current[name] for name in current}
+        check_layer_state(layer, module.topology_weight(), meta.n, meta.k, meta.nm, state["seft_values"],
+                          state["seft_indices"], state["seft_removed"], state["seft_age"])
     for name in INT_STATE:
         container = getattr(module, name)
         for adapter in list(container.keys()):
@@ -351,8 +366,6 @@ def _fit_int_state_before_load(module: SeftLayer, state_dict: dict, prefix: str,
                 continue
             current = container[adapter]
             incoming = state_dict[key]
-            if incoming.is_floating_point():
-                incoming = incoming.round()
             state_dict[key] = incoming.to(current.dtype)
             if incoming.shape != current.shape:
                 container[adapter] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
