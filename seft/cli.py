@@ -3,7 +3,8 @@
 Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and
 `run(args) -> int`. User errors (`SeftError`) print one line and exit 2;
 Ctrl-C exits 130 and, because every output is written atomically, leaves
-nothing half-written behind.
+nothing half-written under the output name (`seft finetune` keeps its
+checkpoints for --resume and says where).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"seft {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        print(f"seft {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
 
 

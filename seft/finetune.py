@@ -42,7 +42,7 @@ from torch import nn
 
 from .baselines import base_masks
 from .errors import SeftError, choices_hint
-from .io import atomic_output_dir, check_output_free, write_json
+from .io import atomic_output_dir, check_output, input_paths, write_json
 from .models import decoder_layers, load_model, save_checkpoint, target_linears
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class FinetuneJob:
             warmup_steps=5, logging_steps=10, save_strategy="steps", save_steps=50, save_total_limit=2,
             report_to="none", seed=0, data_seed=0, dataloader_num_workers=0, dataloader_pin_memory=False,
             weight_decay=0.0,
+            logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
         )
         return defaults | dict(self.train)
 
@@ -160,26 +161,30 @@ RECIPE_KEYS = ["model", "output", "overwrite", "finetune", "adapter", "train"]
 
 def job_from_recipe(recipe: dict) -> FinetuneJob:
     """Validate a finetune recipe into a FinetuneJob (unknown keys anywhere are errors)."""
-    from .recipe import build_dataclass, check_keys
+    from .recipe import build_dataclass, check_keys, top_level_bool
 
     check_keys(recipe, RECIPE_KEYS, "top level")
     for key in ("model", "output"):
         if recipe.get(key) in (None, ""):
             raise SeftError(f"finetune recipe needs a '{key}' entry; top-level keys: {', '.join(RECIPE_KEYS)}")
     config = build_dataclass(FinetuneConfig, recipe.get("finetune"), "finetune").validate()
+    for section in ("adapter", "train"):
+        if not isinstance(recipe.get(section) or {}, dict):
+            raise SeftError(f"section '{section}' must be a mapping of key: value, got {recipe[section]!r}")
     job = FinetuneJob(str(recipe["model"]), str(recipe["output"]), config, dict(recipe.get("adapter") or {}),
-                      dict(recipe.get("train") or {}), bool(recipe.get("overwrite", False)))
+                      dict(recipe.get("train") or {}), top_level_bool(recipe, "overwrite"))
     job.seft_config()  # strict check of adapter:
-    _check_train_keys(job.train)  # keys only: TrainingArguments checks the hardware (bf16 needs a GPU)
+    _check_train_keys(job.train)  # keys and types only: TrainingArguments checks the hardware (bf16 needs a GPU)
     return job
 
 
 def _check_train_keys(train: dict) -> None:
     from transformers import TrainingArguments
 
-    from .recipe import check_keys
+    from .recipe import check_keys, check_types
 
     check_keys(train, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "train")
+    check_types(TrainingArguments, train, "train")
 
 
 # --- Trainer wiring -------------------------------------------------------------------
@@ -325,31 +330,48 @@ def _held_out_ppl(job: FinetuneJob, model: nn.Module, tokenizer) -> dict | None:
                       max_windows=job.config.eval_windows, progress=False).as_dict()
 
 
+def _check_before_work(job: FinetuneJob) -> tuple[object, Path]:
+    """Everything that can fail without the model: sources, sequence lengths, the output; (plan, work dir)."""
+    from .models import check_seq_len, checkpoint_bytes, load_config, local_model_folder
+
+    cfg = job.config
+    cfg.check_sources()
+    lengths = {"seq_len": cfg.seq_len}
+    if cfg.eval_data:
+        lengths["eval_seq_len"] = cfg.eval_seq_len
+    if cfg.method == "lora-reprune":
+        lengths["calibration_seq_len"] = cfg.calibration_seq_len
+    check_seq_len(load_config(job.model), **lengths)
+    merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
+    sources = (cfg.data, cfg.eval_data, cfg.calibration if cfg.method == "lora-reprune" else None)
+    plan = check_output(job.output, job.overwrite, input_paths(local_model_folder(job.model), *sources),
+                        size=checkpoint_bytes(job.model, cfg.dtype) if merge_wanted else None)
+    return plan, work_dir_for(job.output)
+
+
 def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     """The whole `seft finetune` run; returns the train report (also written to OUTPUT)."""
     from transformers import Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from .checkpoints import checkpoint_marker, checkpoints, resume_checkpoint
     from .data import pad_collate, training_dataset
+    from .train_guards import check_finite, finite_guard, sparsity_change
 
     cfg = job.config.validate()
-    cfg.check_sources()
-    output = Path(job.output)
-    check_output_free(output, job.overwrite)
-    work = work_dir_for(output)
+    plan, work = _check_before_work(job)
+    output = plan.path
     resume_from = None
     if cfg.resume:
-        resume_from = get_last_checkpoint(str(work)) if work.is_dir() else None
-        if resume_from is None:
-            raise SeftError(f"--resume: no checkpoint in {work}; start without --resume")
+        resume_from = resume_checkpoint(work)
     elif work.exists():
-        if get_last_checkpoint(str(work)) and not job.overwrite:
+        if checkpoints(work) and not job.overwrite:
             raise SeftError(f"{work} holds checkpoints of an interrupted run; pass --resume to continue it "
                             "or --overwrite to start over")
         shutil.rmtree(work)
     args = training_arguments(job, work)
     if not progress:
         args.disable_tqdm = True
+    kept = f"; nothing was written to {output} (checkpoints of earlier steps stay in {work})"
 
     t_start = time.perf_counter()
     model, tokenizer = load_model(job.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
@@ -362,24 +384,29 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     logger.info("%s: %d trainable parameters, %d training examples, %d steps",
                 cfg.method, trainable, len(dataset), args.max_steps)
     trainer = Trainer(model=trained, args=args, train_dataset=dataset, data_collator=pad_collate(tokenizer.pad_token_id),
-                      processing_class=tokenizer, callbacks=callbacks)
+                      processing_class=tokenizer, callbacks=[*callbacks, finite_guard(kept), checkpoint_marker()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t_train = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - t_train
     memory = peak_memory()
+    check_finite(trained, f"not saving the trained {cfg.method} state", trainable_only=True)
 
     topology = _topology_history(trainer)
     adapter_report = trained.seft_sparsity_report() if cfg.method in SEFT_METHODS else None
     merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
 
-    with atomic_output_dir(output, overwrite=job.overwrite) as tmp:
+    with atomic_output_dir(plan, command="seft finetune") as tmp:
         adapter_bytes = _save_adapter(cfg.method, trained, Path(tmp))
         merged_after = ppl_after = pattern_after = None
         if merge_wanted:
             merged = _merge_on_fp(job, Path(tmp)) if cfg.load_in_4bit else merge(job, trained, tokenizer, masks)
+            check_finite(merged, "not saving the merged model", trainable_only=False)
             merged_after, pattern_after = layer_sparsity(merged), model_pattern(merged)
+            broken = sparsity_change(before, merged_after, pattern_before, pattern_after)
+            if broken:
+                raise SeftError(f"the merged model is not as sparse as the pruned base ({broken}){kept}")
             save_checkpoint(merged, tokenizer, Path(tmp) / "merged")
             ppl_after = _held_out_ppl(job, merged, tokenizer)
         else:
@@ -394,7 +421,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
             "memory": memory, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
             "sparsity_before": _summary(before), "sparsity_after_merge": _summary(merged_after) if merged_after else None,
             "pattern_before": pattern_before, "pattern_after_merge": pattern_after,
-            "sparsity_preserved": (merged_after == before and pattern_after == pattern_before) if merged_after else None,
+            "sparsity_preserved": True if merged_after else None,  # a merge that breaks it fails above
             "adapter_sparsity": adapter_report, "topology_updates": topology,
             "recipe": job.as_recipe(), "log_history": trainer.state.log_history,
         }

@@ -95,10 +95,20 @@ def job_from_args(args: argparse.Namespace) -> FinetuneJob:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import ppl_table, run_finetune
+    import sys
+
+    from ..checkpoints import checkpoints
+    from ..finetune import ppl_table, run_finetune, work_dir_for
 
     job = job_from_args(args)
-    report = run_finetune(job, progress=not args.no_progress)
+    try:
+        report = run_finetune(job, progress=not args.no_progress)
+    except KeyboardInterrupt:  # the work folder is left on purpose: say so, and how to continue
+        work = work_dir_for(job.output)
+        kept = (f"; the checkpoints of this run are in {work}: continue it with --resume"
+                if checkpoints(work) else "")
+        print(f"seft finetune: interrupted; nothing was written to {job.output}{kept}", file=sys.stderr)
+        return 130
     print(ppl_table(report))
     summary = {k: report[k] for k in ("steps", "train_seconds", "seconds_per_step", "trainable_params",
                                        "adapter_bytes", "memory", "sparsity_preserved")}

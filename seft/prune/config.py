@@ -111,11 +111,11 @@ class PruneJob:
 
 def job_from_recipe(recipe: dict) -> PruneJob:
     """Validate a prune recipe (top-level keys model/output/overwrite/prune) into a PruneJob."""
-    from ..recipe import build_dataclass, check_keys
+    from ..recipe import build_dataclass, check_keys, top_level_bool
 
     check_keys(recipe, RECIPE_KEYS, "top level")
     for key in ("model", "output", "prune"):
         if recipe.get(key) in (None, ""):
             raise SeftError(f"prune recipe needs a '{key}' entry; top-level keys: {', '.join(RECIPE_KEYS)}")
     config = build_dataclass(PruneConfig, recipe["prune"], "prune").validate()
-    return PruneJob(str(recipe["model"]), str(recipe["output"]), config, bool(recipe.get("overwrite", False)))
+    return PruneJob(str(recipe["model"]), str(recipe["output"]), config, top_level_bool(recipe, "overwrite"))
