@@ -78,15 +78,10 @@ def _module_for_key(modules: dict[str, nn.Module], key: str) -> tuple[str, nn.Mo
     return None
 
 
-def check_adapter(base: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Refuse an adapter made for another base model, before peft meets it.
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of a peft adapter folder; SeftError for anything unreadable.
 
-    peft reports a shape clash as a long `size mismatch` traceback, and a
-    sparse adapter's flat indices may not clash at load time at all. So
-    compare every adapter tensor with the module it adapts: the module must
-    exist, LoRA factors must match its in/out features, and flat indices must
-    lie inside its weight. Returns the adapter config (for the results).
-    """
+    Cheap next to a model load, so `load_for_eval` runs it first."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not adapter_dir.is_dir():
@@ -99,9 +94,24 @@ def check_adapter(base: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, 
         raise SeftError(f"{config_path} is not valid JSON ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(config, dict):
         raise SeftError(f"{config_path} is not a peft adapter config (a JSON object)")
+    return config, _adapter_tensors(adapter_dir)
+
+
+def check_adapter(base: nn.Module, adapter_dir: str | os.PathLike,
+                  read: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Refuse an adapter made for another base model, before peft meets it.
+
+    peft reports a shape clash as a long `size mismatch` traceback, and a
+    sparse adapter's flat indices may not clash at load time at all. So
+    compare every adapter tensor with the module it adapts: the module must
+    exist, LoRA factors must match its in/out features, and flat indices must
+    lie inside its weight. Returns the adapter config (for the results).
+    """
+    adapter_dir = Path(adapter_dir)
+    config, tensors = read if read is not None else read_adapter(adapter_dir)
     modules = dict(base.named_modules())
     what = f"adapter {adapter_dir} (made for {config.get('base_model_name_or_path') or 'an unnamed base'})"
-    for key, tensor in _adapter_tensors(adapter_dir).items():
+    for key, tensor in tensors.items():
         found = _module_for_key(modules, key)
         if found is None or next(found[1].children(), None) is not None:  # adapters hang off leaf modules
             raise SeftError(f"{what} does not fit this model: it adapts {key!r}, which this model lacks")
@@ -157,8 +167,7 @@ def load_for_eval(
     """Base model (+ adapter, unmerged unless `merge`) on `device`, ready for lm-eval."""
     from .models import load_model, resolve_model_path
 
-    if adapter is not None and not Path(adapter).is_dir():
-        raise SeftError(f"no adapter folder {str(adapter)!r}")
+    read = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the model loads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base, tokenizer = load_model(model, dtype=dtype)
     meta: dict[str, Any] = {
@@ -167,7 +176,7 @@ def load_for_eval(
     }
     net: nn.Module = base
     if adapter is not None:
-        config = check_adapter(base, adapter)
+        config = check_adapter(base, adapter, read)
         from peft import PeftModel  # the SEFT type is registered: seft/__init__ ran before this module
 
         try:

@@ -174,17 +174,18 @@ def job_from_recipe(recipe: dict) -> FinetuneJob:
     job = FinetuneJob(str(recipe["model"]), str(recipe["output"]), config, dict(recipe.get("adapter") or {}),
                       dict(recipe.get("train") or {}), top_level_bool(recipe, "overwrite"))
     job.seft_config()  # strict check of adapter:
-    _check_train_keys(job.train)  # keys and types only: TrainingArguments checks the hardware (bf16 needs a GPU)
+    job.train = _check_train_keys(job.train)  # keys and types only: TrainingArguments checks the hardware
     return job
 
 
-def _check_train_keys(train: dict) -> None:
+def _check_train_keys(train: dict) -> dict:
+    """`train` with its keys and value types checked (an integral float made an int, as for every section)."""
     from transformers import TrainingArguments
 
     from .recipe import check_keys, check_types
 
     check_keys(train, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "train")
-    check_types(TrainingArguments, train, "train")
+    return check_types(TrainingArguments, train, "train")
 
 
 # --- Trainer wiring -------------------------------------------------------------------
@@ -336,16 +337,16 @@ def _check_before_work(job: FinetuneJob) -> tuple[object, Path]:
 
     cfg = job.config
     cfg.check_sources()
+    merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
+    sources = (cfg.data, cfg.eval_data, cfg.calibration if cfg.method == "lora-reprune" else None)
+    plan = check_output(job.output, job.overwrite, input_paths(local_model_folder(job.model), *sources),
+                        size=checkpoint_bytes(job.model, cfg.dtype) if merge_wanted else None)
     lengths = {"seq_len": cfg.seq_len}
     if cfg.eval_data:
         lengths["eval_seq_len"] = cfg.eval_seq_len
     if cfg.method == "lora-reprune":
         lengths["calibration_seq_len"] = cfg.calibration_seq_len
     check_seq_len(load_config(job.model), **lengths)
-    merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
-    sources = (cfg.data, cfg.eval_data, cfg.calibration if cfg.method == "lora-reprune" else None)
-    plan = check_output(job.output, job.overwrite, input_paths(local_model_folder(job.model), *sources),
-                        size=checkpoint_bytes(job.model, cfg.dtype) if merge_wanted else None)
     return plan, work_dir_for(job.output)
 
 
@@ -371,7 +372,10 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     args = training_arguments(job, work)
     if not progress:
         args.disable_tqdm = True
-    kept = f"; nothing was written to {output} (checkpoints of earlier steps stay in {work})"
+
+    def kept() -> str:
+        return f"; nothing was written to {output}" + (
+            f" (the checkpoints of earlier steps are in {work})" if checkpoints(work) else "")
 
     t_start = time.perf_counter()
     model, tokenizer = load_model(job.model, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
@@ -388,10 +392,15 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        if not checkpoints(work):  # nothing to resume from: leave no empty work folder behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     train_seconds = time.perf_counter() - t_train
     memory = peak_memory()
-    check_finite(trained, f"not saving the trained {cfg.method} state", trainable_only=True)
+    check_finite(trained, f"not saving the trained {cfg.method} state", trainable_only=True, after=kept())
 
     topology = _topology_history(trainer)
     adapter_report = trained.seft_sparsity_report() if cfg.method in SEFT_METHODS else None
@@ -402,11 +411,11 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
         merged_after = ppl_after = pattern_after = None
         if merge_wanted:
             merged = _merge_on_fp(job, Path(tmp)) if cfg.load_in_4bit else merge(job, trained, tokenizer, masks)
-            check_finite(merged, "not saving the merged model", trainable_only=False)
+            check_finite(merged, "not saving the merged model", trainable_only=False, after=kept())
             merged_after, pattern_after = layer_sparsity(merged), model_pattern(merged)
             broken = sparsity_change(before, merged_after, pattern_before, pattern_after)
             if broken:
-                raise SeftError(f"the merged model is not as sparse as the pruned base ({broken}){kept}")
+                raise SeftError(f"the merged model is not as sparse as the pruned base ({broken}){kept()}")
             save_checkpoint(merged, tokenizer, Path(tmp) / "merged")
             ppl_after = _held_out_ppl(job, merged, tokenizer)
         else:

@@ -17,6 +17,7 @@ Trainable parameters are checked on logging, saving and topology-update steps
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,31 +31,32 @@ def nonfinite_parameters(model: nn.Module, trainable_only: bool = True) -> list[
             if (p.requires_grad or not trainable_only) and p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
-def check_finite(model: nn.Module, what: str, trainable_only: bool = True) -> None:
-    """SeftError naming the first non-finite parameters of `model` (`what` says what is being done)."""
+def check_finite(model: nn.Module, what: str, trainable_only: bool = True, after: str = "") -> None:
+    """SeftError naming the first non-finite parameters of `model` (`what` says what is being done,
+    `after` is appended)."""
     bad = nonfinite_parameters(model, trainable_only)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise SeftError(f"{what}: NaN/inf values in {', '.join(bad[:3])}{more} (training diverged; "
-                        "lower the learning rate)")
+                        f"lower the learning rate){after}")
 
 
-def finite_guard(where: str = ""):
+def finite_guard(after: Callable[[], str] = str):
     """A TrainerCallback that stops training with a SeftError once the loss or the trainable values go non-finite.
 
-    `where` is appended to the message (e.g. where the earlier checkpoints are kept)."""
+    `after()` is appended to the message (e.g. where the earlier checkpoints are kept)."""
     from transformers import TrainerCallback
 
     class FiniteGuard(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if model is not None and (control.should_log or control.should_save or state.global_step >= state.max_steps):
-                check_finite(model, f"training stopped at step {state.global_step}{where}")
+                check_finite(model, f"training stopped at step {state.global_step}", after=after())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if isinstance(loss, (int, float)) and not math.isfinite(loss):
                 raise SeftError(f"training stopped at step {state.global_step}: the training loss is {loss} "
-                                f"(learning rate {logs.get('learning_rate', '?')}; lower it){where}")
+                                f"(learning rate {logs.get('learning_rate', '?')}; lower it){after()}")
 
     return FiniteGuard()
 
