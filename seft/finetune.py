@@ -20,9 +20,14 @@ Where things go, and why:
                                methods whose product only exists merged)
     train_report.json          steps, time, memory, topology per update, sparsity
   .OUTPUT.work/                Trainer checkpoints while training; `--resume`
-                               continues from its last checkpoint (adapter with
-                               its topology + optimizer + RNG + data position);
+                               continues from its newest complete checkpoint
+                               (adapter with its topology + optimizer + RNG + data
+                               position; checkpoints.py tells half-written ones);
                                removed after a successful run.
+
+Invariants that fail the run instead of writing a wrong output (train_guards.py):
+a non-finite loss or trained value stops training; non-finite state is never
+saved or merged; a merged model not exactly as sparse as the base is refused.
 """
 from __future__ import annotations
 

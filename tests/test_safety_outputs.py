@@ -79,24 +79,44 @@ def test_overwrite_replaces_only_what_seft_wrote_and_validate_says_so(model_dir,
     assert main(["prune", "--model", str(out), "--output", str(out), "--overwrite", *MAGNITUDE]) == 2
 
 
-def test_two_concurrent_writers_exactly_one_wins(model_dir, tmp_path, tiny_text_file, capsys):
-    """Run B starts and finishes while run A is pruning its first layer; A must not replace B's output."""
+@pytest.mark.parametrize("when", ["pruning", "saving"])
+def test_two_concurrent_writers_exactly_one_wins(when, model_dir, tmp_path, tiny_text_file, capsys, monkeypatch):
+    """Run B starts and finishes while run A prunes its first layer, or while A writes its checkpoint
+    (after any check at entry): A must not replace B's output, and must say so in one line."""
+    import seft.models
+
     out = tmp_path / "race"
     flags = ["--model", str(model_dir), "--output", str(out), "--method", "wanda", "--calibration",
              str(tiny_text_file), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
     state = {"inside": False, "rc_b": None}
 
-    def run_b_midway(module, _args, _out):
-        if type(module).__name__.endswith("DecoderLayer") and not state["inside"] and state["rc_b"] is None:
+    def run_b():
+        if not state["inside"] and state["rc_b"] is None:
             state["inside"] = True
             state["rc_b"] = main(["prune", *flags, "--sparsity", "0.25"])
             state["inside"] = False
 
-    handle = torch.nn.modules.module.register_module_forward_hook(run_b_midway)
+    def during_pruning(module, _args, _out):
+        if type(module).__name__.endswith("DecoderLayer"):
+            run_b()
+
+    real_save = seft.models.save_checkpoint
+
+    def during_saving(*args, **kwargs):  # the real save, with run B completing in the middle of A's
+        if state["rc_b"] is None and not state["inside"]:
+            run_b()
+        return real_save(*args, **kwargs)
+
+    if when == "saving":
+        monkeypatch.setattr(seft.models, "save_checkpoint", during_saving)
+        handle = None
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(during_pruning)
     try:
         rc_a = main(["prune", *flags, "--sparsity", "0.5"])
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     assert state["rc_b"] == 0 and rc_a == 2
     line = _one_line_error(capsys)
     assert f"output {out.resolve()} was written by another run while this one worked" in line

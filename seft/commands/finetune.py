@@ -12,7 +12,8 @@ lora-mask, full-masked — all at the budget of a LoRA of rank --lora-rank.
 Output: OUTPUT/adapter_model.safetensors (+ adapter_config.json),
 OUTPUT/merged/ with --merge (a plain sparse HF checkpoint), and
 OUTPUT/train_report.json. Checkpoints go to .OUTPUT.work/ while training;
---resume continues an interrupted run from its last checkpoint.
+--resume continues an interrupted run from its newest complete checkpoint
+(half-written ones, e.g. from a kill during a save, are skipped and named).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: 50)")
     p.add_argument("--seed", type=int, help="training seed (default: 0)")
     p.add_argument("--merge", action="store_true", default=None, help="also write OUTPUT/merged (plain sparse model)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
