@@ -261,7 +261,10 @@ def _commit(tmp: Path, plan: OutputPlan) -> None:
     except OSError:
         os.rename(old, path)
         raise _appeared(path) from None
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # a symlinked output: the link is replaced, its target is left alone
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
