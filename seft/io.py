@@ -67,12 +67,29 @@ def input_paths(*candidates: str | os.PathLike | None) -> tuple[Path, ...]:
     return tuple(out)
 
 
+LEGACY_REPORTS = {"sparsity_report.json": "overall", "train_report.json": "sparsity_before"}  # report: its key
+
+
 def _marker_run(folder: Path) -> str | None:
+    """The run id of a seft output folder, or None if seft did not write it.
+
+    Outputs of seft versions before the marker are known by their report
+    (`seft prune`'s sparsity_report.json, `seft finetune`'s train_report.json),
+    identified by the report's modification time.
+    """
     try:
         data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        return str(data.get("run")) if isinstance(data, dict) and data.get("run") else None
     except (OSError, ValueError):
-        return None
-    return str(data.get("run")) if isinstance(data, dict) and data.get("run") else None
+        pass
+    for name, key in LEGACY_REPORTS.items():
+        try:
+            report = folder / name
+            if key in json.loads(report.read_text(encoding="utf-8")):
+                return f"legacy:{report.stat().st_mtime_ns}"
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
 
 
 def _is_results_json(path: Path) -> bool:
@@ -112,6 +129,8 @@ def describe_output(path: Path) -> str:
         data = json.loads((path / MARKER).read_text(encoding="utf-8"))
         return f"a `{data.get('command') or 'seft'}` output written {data.get('created', '?')}"
     except (OSError, ValueError):
+        if path.is_dir() and _marker_run(path):
+            return "a seft output written before output markers existed"
         return "a seft results file" if path.is_file() else ("an empty folder" if _is_empty_dir(path) else "a folder")
 
 

@@ -216,3 +216,15 @@ def test_permissions_and_stale_temporary_folders(model_dir, tmp_path):
     assert live.exists(), "a running process's folder must be left alone"
     assert (out.stat().st_mode & 0o777) == 0o755
     assert (os.stat(out / "sparsity_report.json").st_mode & 0o777) == 0o644
+
+
+def test_outputs_of_earlier_versions_can_still_be_overwritten(model_dir, tmp_path):
+    """Outputs written before the marker existed are recognised by their seft report."""
+    out = tmp_path / "old"
+    assert main(["prune", "--model", str(model_dir), "--output", str(out), *MAGNITUDE]) == 0
+    (out / ".seft-output.json").unlink()
+    assert main(["prune", "--model", str(model_dir), "--output", str(out), "--overwrite", *MAGNITUDE]) == 0
+    assert (out / ".seft-output.json").is_file()
+    (out / ".seft-output.json").unlink()
+    (out / "sparsity_report.json").write_text('{"not": "a seft report"}')
+    assert main(["prune", "--model", str(model_dir), "--output", str(out), "--overwrite", *MAGNITUDE]) == 2
