@@ -36,9 +36,7 @@ def _with_callback(monkeypatch, callback):
 
 def _half_write(folder):
     """What Ctrl-C / SIGKILL / a full disk during Trainer's save leaves: files missing or cut, no marker."""
-    from seft.checkpoints import COMPLETE
-
-    (folder / COMPLETE).unlink()
+    (folder / ".seft-complete.json").unlink(missing_ok=True)  # seft.checkpoints.COMPLETE (absent before issue 16)
     (folder / "trainer_state.json").unlink()
     opt = folder / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 3])
