@@ -1,0 +1,304 @@
+"""The powered repair study: SEFT vs masked LoRA, LoRA* and fixed slots on pruned SmolLM2-135M.
+
+    # one block of runs (resumable: finished runs are skipped), two 1-thread runs side by side
+    python benchmarks/repair_study.py run --setting wanda70 --methods seft-old,masked-lora \\
+        --lrs 1e-3,3e-3,1e-2,3e-2 --seeds 0
+    python benchmarks/repair_study.py run --setting wanda70 --methods masked-lora --lrs best --seeds 1,2
+    python benchmarks/repair_study.py table          # rewrite repair_study.md / .json / .png from the rows
+
+Every run: prune once per setting (wiki calibration, 128 x 256 tokens, seed 0,
+shared by all runs of the setting), train with `seft finetune`'s code path
+(`run_finetune`, stock Trainer) for `--steps` optimizer steps of `--batch` x
+`--seq-len` wiki train tokens (cosine lr, 10% warm-up, AdamW), merge, then score
+held-out perplexity (SparseGPT protocol, seq_len 256) on the first 128 windows
+of held-out wiki and of the whole news corpus (never trained on: every run
+trains on wiki). Budget: a LoRA of rank 8's parameter count for every method.
+Seeds change the data order, SEFT's initial slots and LoRA's init.
+
+Each finished run is appended to benchmarks/results/repair_study.jsonl as one
+JSON line (so a run can span sessions); `table` rebuilds the report from it.
+Runs execute in subprocesses with OMP_NUM_THREADS=1, `--jobs` at a time (2 on
+this 2-core machine: two 1-thread runs outpace one 2-thread run here).
+
+Method names (`METHODS`) pin every SeftConfig field they depend on, so a
+later change of the library's defaults cannot silently change an old row;
+each row records its resolved config, and runs are keyed by a hash of it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ROWS = RESULTS / "repair_study.jsonl"
+WORK = ROOT / "out" / "repair-study"
+
+SETTINGS = {
+    "wanda70": dict(method="wanda", sparsity=0.7, pattern="unstructured"),
+    "wanda50": dict(method="wanda", sparsity=0.5, pattern="unstructured"),
+    "sparsegpt50": dict(method="sparsegpt", sparsity=0.5, pattern="unstructured"),
+    "wanda2of4": dict(method="wanda", sparsity=None, pattern="2:4"),
+}
+
+# The SEFT configuration before this study (the SeftConfig defaults of stop 10), pinned field by field,
+# except the schedule, which the study sets for every SEFT variant (>= 15 updates in 300 steps).
+SCHEDULE = dict(update_interval=15, stat_window=4, evolve_until=0.75)
+OLD = dict(initial_replace_fraction=0.3, schedule="cosine", revive_fraction=0.1, sensitivity="taylor",
+           growth="gradient", regrow_warmup=10, init="random", protect_updates=0, regrow_moments="seeded",
+           **SCHEDULE)
+
+# name -> (seft finetune method, adapter overrides, train overrides)
+METHODS: dict[str, tuple[str, dict, dict]] = {
+    "masked-lora": ("masked-lora", {}, {}),
+    "lora-reprune": ("lora-reprune", {}, {}),
+    "static": ("static", dict(OLD), {}),
+    "seft-old": ("seft", dict(OLD), {}),
+    # single-change ablations of seft-old (the hypotheses of the study)
+    "abl-warmup0": ("seft", dict(OLD, regrow_warmup=0), {}),
+    "abl-warmup2": ("seft", dict(OLD, regrow_warmup=2), {}),
+    "abl-protect": ("seft", dict(OLD, protect_updates=1), {}),
+    "abl-reselect": ("seft", dict(OLD, init="reselect"), {}),
+    "abl-normalized": ("seft", dict(OLD, growth="normalized"), {}),
+    "abl-norevive": ("seft", dict(OLD, revive_fraction=0.0), {}),
+    "abl-revive30": ("seft", dict(OLD, revive_fraction=0.3), {}),
+    "abl-window1": ("seft", dict(OLD, stat_window=1), {}),
+    "abl-window8": ("seft", dict(OLD, stat_window=8), {}),
+    "abl-zero-moments": ("seft", dict(OLD, regrow_moments="zero"), {}),
+    "abl-eps1e-6": ("seft", dict(OLD), dict(adam_epsilon=1e-6)),
+    "abl-wd0.1": ("seft", dict(OLD), dict(weight_decay=0.1)),
+    "abl-interval30": ("seft", dict(OLD, update_interval=30), {}),
+    "abl-p0.1": ("seft", dict(OLD, initial_replace_fraction=0.1), {}),
+    "static-reselect": ("static", dict(OLD, init="reselect"), {}),
+}
+
+
+def resolved(method: str) -> tuple[str, dict, dict]:
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def run_key(spec: dict) -> str:
+    fields = {k: spec[k] for k in ("setting", "method", "finetune_method", "adapter", "train", "seed", "lr", "steps",
+                                   "batch", "seq_len")}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prune_setting(name: str, calib: int) -> Path:
+    """The pruned checkpoint of `name`, made once (wiki calibration, seed 0)."""
+    from seft.prune import PruneConfig, prune_checkpoint
+
+    out = WORK / f"pruned-{name}-calib{calib}"
+    if not (out / "config.json").exists():
+        cfg = PruneConfig(calibration="wiki", num_samples=calib, seq_len=256, seed=0, **SETTINGS[name]).validate()
+        prune_checkpoint("smollm2-135m", out, cfg, overwrite=True, progress=False)
+    return out
+
+
+def held_out(model, tok, windows: int) -> dict[str, float]:
+    from seft.perplexity import perplexity
+
+    wiki = perplexity(model, tok, "wiki", 256, split="heldout", max_windows=windows, progress=False)
+    news = perplexity(model, tok, "news", 256, split="all", max_windows=windows, progress=False)
+    return {"wiki_ppl": wiki.perplexity, "news_ppl": news.perplexity, "wiki_windows": wiki.windows,
+            "news_windows": news.windows}
+
+
+def _spikes(log: list[dict], updates: list[int]) -> dict[str, float | None]:
+    """Mean train loss / grad norm over the 3 steps after each update minus the 3 steps before (logged per step)."""
+    loss = {e["step"]: e["loss"] for e in log if "loss" in e and "step" in e}
+    gnorm = {e["step"]: e["grad_norm"] for e in log if "grad_norm" in e and "step" in e}
+
+    def jump(series):
+        vals = []
+        for u in updates:
+            before = [series[s] for s in range(u - 2, u + 1) if s in series]
+            after = [series[s] for s in range(u + 1, u + 4) if s in series]
+            if before and after:
+                vals.append(statistics.mean(after) - statistics.mean(before))
+        return statistics.mean(vals) if vals else None
+
+    return {"loss_jump": jump(loss), "grad_norm_jump": jump(gnorm)}
+
+
+def one_run(spec: dict) -> dict:
+    """Train + merge + evaluate one spec (inside a subprocess)."""
+    from seft.finetune import job_from_recipe, run_finetune
+    from seft.models import load_model
+
+    out = WORK / "runs" / spec["key"]
+    recipe = {
+        "model": spec["model"], "output": str(out), "overwrite": True,
+        "finetune": {"data": "wiki", "method": spec["finetune_method"], "seq_len": spec["seq_len"], "merge": True,
+                     "eval_data": None, "calibration": "wiki", "calibration_samples": spec["calib"],
+                     "calibration_seq_len": 256},
+        "adapter": {"lora_rank": 8, "seed": spec["seed"], **spec["adapter"]},
+        "train": {"max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"], "learning_rate": spec["lr"],
+                  "seed": spec["seed"], "data_seed": spec["seed"], "warmup_steps": max(1, spec["steps"] // 10),
+                  "lr_scheduler_type": "cosine", "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True,
+                  **spec["train"]},
+    }
+    if spec["finetune_method"] not in ("seft", "seft-norevive", "static"):
+        recipe["adapter"] = {"lora_rank": 8}
+    t0 = time.perf_counter()
+    report = run_finetune(job_from_recipe(recipe), progress=False)
+    model, tok = load_model(out / "merged")
+    ppl = held_out(model, tok, spec["eval_windows"])
+    topo = report["topology_updates"]
+    replaced = sum(u.get("seft/replaced", 0) for u in topo)
+    young = sum(u.get("seft/dropped_young", 0) for u in topo)
+    row = {
+        **{k: spec[k] for k in ("key", "setting", "method", "finetune_method", "adapter", "train", "seed", "lr",
+                                "steps", "batch", "seq_len")},
+        **ppl, "train_loss": report["train_loss"], "s_per_step": report["seconds_per_step"],
+        "trainable": report["trainable_params"], "sparsity": report["sparsity_after_merge"]["mean"],
+        "sparsity_preserved": report["sparsity_preserved"], "updates": len(topo), "replaced": replaced,
+        "revived": sum(u.get("seft/revived", 0) for u in topo), "dropped_young": young,
+        "young_share": young / replaced if replaced else None,
+        **_spikes(report["log_history"], [u["step"] for u in topo]),
+        "loss_curve": [[e["step"], round(e["loss"], 4)] for e in report["log_history"] if "loss" in e][::5],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    shutil.rmtree(out, ignore_errors=True)  # the merged model is ~0.5 GB; the row keeps what the table needs
+    return row
+
+
+def load_rows(path: Path = ROWS) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_lr(rows: list[dict], setting: str, method: str, steps: int) -> float | None:
+    """The lr with the lowest mean held-out wiki ppl among seed-0 grid runs of (setting, method)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        if r["setting"] == setting and r["method"] == method and r["steps"] == steps and r["seed"] == 0:
+            by_lr.setdefault(r["lr"], []).append(r["wiki_ppl"])
+    if not by_lr:
+        return None
+    return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+
+
+def launch(specs: list[dict], jobs: int, rows_path: Path = ROWS) -> None:
+    """Run `specs` `jobs` at a time, one 1-thread subprocess each; append each result as it lands."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    pending, running = list(specs), []
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < jobs:
+            spec = pending.pop(0)
+            log = open(logs / f"{spec['key']}.log", "w")  # noqa: SIM115 (closed when the run ends)
+            proc = subprocess.Popen([sys.executable, __file__, "one", json.dumps(spec)], stdout=subprocess.PIPE,
+                                    stderr=log, text=True, env=env, cwd=ROOT)
+            running.append((proc, spec, log, time.perf_counter()))
+            print(f"start {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}", flush=True)
+        time.sleep(5)
+        for item in list(running):
+            proc, spec, log, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            out = proc.stdout.read().strip().splitlines()
+            if proc.returncode != 0 or not out:
+                print(f"FAILED {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: see "
+                      f"{logs / (spec['key'] + '.log')}", flush=True)
+                continue
+            row = json.loads(out[-1])
+            with rows_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"done  {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: wiki "
+                  f"{row['wiki_ppl']:.2f} news {row['news_ppl']:.2f} ({(time.perf_counter() - t0) / 60:.1f} min)",
+                  flush=True)
+
+
+def cmd_run(args) -> None:
+    rows = load_rows(args.rows)
+    done = {r["key"] for r in rows}
+    model = prune_setting(args.setting, args.calib)
+    specs = []
+    for method in args.methods.split(","):
+        finetune_method, adapter, train = resolved(method)
+        if args.lrs == "best":
+            lr = best_lr(rows, args.lr_from or args.setting, method, args.steps)
+            if lr is None:
+                raise SystemExit(f"no seed-0 grid of {method} on {args.lr_from or args.setting} to take the lr from")
+            lrs = [lr]
+        else:
+            lrs = [float(x) for x in args.lrs.split(",")]
+        for lr in lrs:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                spec = dict(setting=args.setting, method=method, finetune_method=finetune_method, adapter=adapter,
+                            train=train, seed=seed, lr=lr, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
+                            model=str(model), eval_windows=args.eval_windows, calib=args.calib)
+                spec["key"] = run_key(spec)
+                if spec["key"] not in done:
+                    specs.append(spec)
+    print(f"{len(specs)} run(s) to do", flush=True)
+    launch(specs, args.jobs, args.rows)
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def cmd_table(args) -> None:
+    # (the report writer lives in repair_study_report.py; this file is about running)
+    from repair_study_report import write_report
+
+    write_report(load_rows(args.rows), RESULTS / "repair_study", note=args.note)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run one block of (method, lr, seed) on one setting; skips finished runs")
+    run.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    run.add_argument("--methods", required=True, help=f"comma list of: {', '.join(METHODS)}")
+    run.add_argument("--lrs", required=True, help="comma list of learning rates, or 'best' (from the seed-0 grid)")
+    run.add_argument("--lr-from", help="with --lrs best: take the lr from this setting's grid")
+    run.add_argument("--seeds", default="0")
+    run.add_argument("--steps", type=int, default=300)
+    run.add_argument("--batch", type=int, default=2)
+    run.add_argument("--seq-len", type=int, default=128)
+    run.add_argument("--eval-windows", type=int, default=128)
+    run.add_argument("--calib", type=int, default=128, help="calibration windows of the pruned checkpoint")
+    run.add_argument("--jobs", type=int, default=2)
+    run.add_argument("--rows", type=Path, default=ROWS, help="the results file (JSON lines) to append to")
+    one = sub.add_parser("one", help=argparse.SUPPRESS)
+    one.add_argument("spec")
+    table = sub.add_parser("table", help="rewrite repair_study.md/.json/.png from repair_study.jsonl")
+    table.add_argument("--note", default="", help="a status paragraph under the title")
+    table.add_argument("--rows", type=Path, default=ROWS)
+    args = p.parse_args()
+    if args.cmd == "one":
+        print(json.dumps(one_run(json.loads(args.spec))))
+    elif args.cmd == "run":
+        cmd_run(args)
+    else:
+        cmd_table(args)
+
+
+if __name__ == "__main__":
+    main()

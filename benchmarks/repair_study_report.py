@@ -1,0 +1,211 @@
+"""The report of benchmarks/repair_study.py: markdown tables, a JSON summary and a plot from its JSON lines.
+
+Kept apart from the runner so the tables can be rebuilt (`repair_study.py table`) without touching runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+HEADLINE = ["seft-new", "seft-old", "static", "masked-lora", "lora-reprune"]
+SETTING_ORDER = ["wanda70", "wanda50", "sparsegpt50", "wanda2of4"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _grid(rows: list[dict]) -> dict[tuple[str, str], dict[float, dict]]:
+    """{(setting, method): {lr: seed-0 row}} — the learning-rate search."""
+    grid: dict[tuple[str, str], dict[float, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["seed"] == 0:
+            grid[(r["setting"], r["method"])][r["lr"]] = r
+    return grid
+
+
+def best_lrs(rows: list[dict]) -> dict[tuple[str, str], float]:
+    return {key: min(by_lr, key=lambda lr: by_lr[lr]["wiki_ppl"]) for key, by_lr in _grid(rows).items()}
+
+
+def _at_best(rows: list[dict], setting: str, method: str, lr: float) -> list[dict]:
+    return [r for r in rows if r["setting"] == setting and r["method"] == method and r["lr"] == lr]
+
+
+def lr_table(rows: list[dict]) -> list[str]:
+    grid = _grid(rows)
+    lrs = sorted({lr for by_lr in grid.values() for lr in by_lr})
+    lines = ["| setting | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best | interior? |",
+             "|---|---|" + "---:|" * len(lrs) + "---|---|"]
+    for (setting, method), by_lr in sorted(grid.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+        if len(by_lr) < 2:
+            continue
+        best = min(by_lr, key=lambda lr: by_lr[lr]["wiki_ppl"])
+        tried = sorted(by_lr)
+        interior = "yes" if tried[0] < best < tried[-1] else "no (edge)"
+        cells = [f"**{by_lr[lr]['wiki_ppl']:.1f}**" if lr == best else (f"{by_lr[lr]['wiki_ppl']:.1f}" if lr in by_lr
+                 else "") for lr in lrs]
+        lines.append(f"| {setting} | {method} | " + " | ".join(cells) + f" | {best:g} | {interior} |")
+    return lines
+
+
+def _order(setting: str) -> int:
+    return SETTING_ORDER.index(setting) if setting in SETTING_ORDER else 99
+
+
+def main_table(rows: list[dict], methods: list[str]) -> tuple[list[str], list[dict]]:
+    best = best_lrs(rows)
+    lines = ["| setting | method | lr | seeds | wiki ppl | news ppl | sparsity after merge | s/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    summary = []
+    for setting in sorted({r["setting"] for r in rows}, key=_order):
+        for method in methods:
+            lr = best.get((setting, method))
+            if lr is None:
+                continue
+            rs = _at_best(rows, setting, method, lr)
+            preserved = all(r["sparsity_preserved"] for r in rs)
+            lines.append(f"| {setting} | {method} | {lr:g} | {len(rs)} | {_fmt([r['wiki_ppl'] for r in rs])} | "
+                         f"{_fmt([r['news_ppl'] for r in rs])} | {statistics.mean(r['sparsity'] for r in rs):.4f}"
+                         f"{'' if preserved else ' (changed!)'} | {statistics.median(r['s_per_step'] for r in rs):.2f} |")
+            wiki, wiki_sd = _mean_std([r["wiki_ppl"] for r in rs])
+            news, news_sd = _mean_std([r["news_ppl"] for r in rs])
+            summary.append(dict(setting=setting, method=method, lr=lr, seeds=sorted(r["seed"] for r in rs),
+                                wiki=wiki, wiki_std=wiki_sd, news=news, news_std=news_sd))
+    return lines, summary
+
+
+def verdict(summary: list[dict], seft: str = "seft-new", rival: str = "masked-lora") -> list[str]:
+    """Where SEFT stands against masked LoRA: the gap, and whether it exceeds the seed spread."""
+    lines = [f"| setting | corpus | {seft} | {rival} | {seft} vs {rival} | beyond the seed spread? |",
+             "|---|---|---:|---:|---:|---|"]
+    by = {(s["setting"], s["method"]): s for s in summary}
+    for setting in sorted({s["setting"] for s in summary}, key=_order):
+        a, b = by.get((setting, seft)), by.get((setting, rival))
+        if not a or not b:
+            continue
+        for corpus in ("wiki", "news"):
+            gap = a[corpus] / b[corpus] - 1
+            spread = max(a[f"{corpus}_std"] or 0, b[f"{corpus}_std"] or 0)
+            beyond = abs(a[corpus] - b[corpus]) > spread if (a[f"{corpus}_std"] and b[f"{corpus}_std"]) else None
+            word = "n/a (1 seed)" if beyond is None else ("yes" if beyond else "no")
+            lines.append(f"| {setting} | {corpus} | {a[corpus]:.2f} | {b[corpus]:.2f} | {gap:+.1%} | {word} |")
+    return lines
+
+
+def ablation_table(rows: list[dict], reference: str = "seft-old") -> list[str]:
+    """Single-change variants of seft-old on each setting, at seft-old's best lr, every seed run."""
+    best = best_lrs(rows)
+    lines = ["| setting | variant | lr | seeds | wiki ppl | Δ wiki vs seft-old | news ppl | updates | replaced | "
+             "dropped young (share) | revived | loss jump after update | grad-norm jump |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for setting in sorted({r["setting"] for r in rows}, key=_order):
+        lr = best.get((setting, reference))
+        if lr is None:
+            continue
+        ref = _mean_std([r["wiki_ppl"] for r in _at_best(rows, setting, reference, lr)
+                         if r["seed"] == 0])[0]
+        variants = [reference] + sorted({r["method"] for r in rows if r["setting"] == setting and
+                                         (r["method"].startswith("abl-") or r["method"] in ("seft-new",
+                                                                                            "static-reselect"))})
+        for method in variants:
+            rs = [r for r in rows if r["setting"] == setting and r["method"] == method and r["lr"] == lr]
+            if not rs:
+                continue
+            wiki = _mean_std([r["wiki_ppl"] for r in rs])[0]
+            young = [r["young_share"] for r in rs if r.get("young_share") is not None]
+            jumps = [r["loss_jump"] for r in rs if r.get("loss_jump") is not None]
+            gjumps = [r["grad_norm_jump"] for r in rs if r.get("grad_norm_jump") is not None]
+            churn = (f"{statistics.mean(r['dropped_young'] for r in rs):,.0f} ({statistics.mean(young):.1%})"
+                     if young else "-")
+            cells = [setting, method, f"{lr:g}", str(len(rs)), _fmt([r["wiki_ppl"] for r in rs]),
+                     f"{wiki / ref - 1:+.1%}", _fmt([r["news_ppl"] for r in rs]),
+                     f"{statistics.mean(r['updates'] for r in rs):.0f}",
+                     f"{statistics.mean(r['replaced'] for r in rs):,.0f}", churn,
+                     f"{statistics.mean(r['revived'] for r in rs):,.0f}",
+                     f"{statistics.mean(jumps):+.3f}" if jumps else "-",
+                     f"{statistics.mean(gjumps):+.3f}" if gjumps else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({s["setting"] for s in summary}, key=_order)
+    grid = _grid(rows)
+    fig, axes = plt.subplots(2, max(len(settings), 1), figsize=(4.3 * max(len(settings), 1), 7.5), squeeze=False)
+    for col, setting in enumerate(settings):
+        ax = axes[0][col]
+        items = [s for s in summary if s["setting"] == setting and s["method"] in HEADLINE]
+        items.sort(key=lambda s: HEADLINE.index(s["method"]))
+        colors = ["#d62728" if s["method"].startswith("seft") else "#1f77b4" for s in items]
+        ax.bar(range(len(items)), [s["wiki"] for s in items], yerr=[s["wiki_std"] or 0 for s in items],
+               color=colors, capsize=3)
+        ax.set_xticks(range(len(items)), [s["method"] for s in items], rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{setting}: held-out wiki ppl (best lr, mean ± std)")
+        lo = min((s["wiki"] for s in items), default=1)
+        ax.set_ylim(lo * 0.9, max((s["wiki"] + (s["wiki_std"] or 0) for s in items), default=2) * 1.03)
+        ax = axes[1][col]
+        for method in HEADLINE:
+            by_lr = grid.get((setting, method))
+            if by_lr and len(by_lr) > 1:
+                lrs = sorted(by_lr)
+                ax.plot(lrs, [by_lr[lr]["wiki_ppl"] for lr in lrs], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("wiki ppl (seed 0)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
+    if not rows:
+        raise SystemExit("no rows yet")
+    methods = [m for m in HEADLINE if any(r["method"] == m for r in rows)]
+    main, summary = main_table(rows, methods)
+    spec = rows[0]
+    lines = [
+        "# Repair study: SEFT vs masked LoRA, LoRA* and fixed slots (SmolLM2-135M)", "",
+        *([f"**Status:** {note}", ""] if note else []),
+        "Written by `python benchmarks/repair_study.py table` from `repair_study.jsonl` (one line per run, "
+        "appended as runs finish). Every run: budget = a rank-8 LoRA's parameter count (2,442,240 trainable), "
+        f"{spec['steps']} optimizer steps x batch {spec['batch']} x {spec['seq_len']} wiki train tokens, AdamW, "
+        "cosine lr with 10% warm-up, merged, then held-out perplexity (SparseGPT protocol, seq_len 256) on the "
+        "first 128 windows of held-out wiki and of the news corpus (never trained on). Pruned checkpoints: "
+        "Wanda / SparseGPT with 128 x 256-token wiki calibration windows. SEFT schedule for every SEFT "
+        "variant: update_interval 15, stat_window 4, evolve_until 0.75 (15 topology updates). Each method at "
+        "its best learning rate on the seed-0 grid below (judged on wiki only; news is never used to choose); "
+        "mean ± sample std over the seeds listed. Two runs at a time, one thread each, on 2 CPU cores.", "",
+        "## Main table", "", *main, "",
+        "## SEFT vs masked LoRA", "", *verdict(summary), "",
+        "## Learning-rate search (seed 0, held-out wiki ppl)", "", *lr_table(rows), "",
+        "## Ablations (single changes to seft-old, seft-old's best lr)", "",
+        "`dropped young` = dropped slots that were grown at the previous update or later (churn); `loss jump` / "
+        "`grad-norm jump` = mean over updates of (3 steps after) - (3 steps before).", "",
+        *ablation_table(rows), "",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "best_lrs": {
+        f"{s}/{m}": lr for (s, m), lr in best_lrs(rows).items()}, "runs": len(rows)}, indent=1))
+    plot(rows, summary, stem.with_suffix(".png"))
+    print("\n".join(lines))
