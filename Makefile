@@ -34,7 +34,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/prune_quality.py
 	$(PY) benchmarks/prune_speed.py
-	$(PY) benchmarks/train_speed.py --setup cpu --backward --out benchmarks/results/train_speed_cpu.json
+	$(PY) benchmarks/train_speed.py --setup cpu --kernels
 	$(PY) benchmarks/qseft_smollm2.py --steps 16
 	$(PY) benchmarks/recovery.py
 	$(PY) benchmarks/gradient_structure.py

@@ -174,9 +174,15 @@ def one_run(spec: dict) -> dict:
 
 
 def load_rows(path: Path = ROWS) -> list[dict]:
+    """The result lines, one per run key (the first if a key was written twice)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["key"], row)
+    return list(rows.values())
 
 
 def best_lr(rows: list[dict], setting: str, method: str, steps: int) -> float | None:
@@ -190,39 +196,75 @@ def best_lr(rows: list[dict], setting: str, method: str, steps: int) -> float | 
     return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
+def append_row(row: dict, path: Path = ROWS) -> None:
+    """Append one result line under an exclusive lock (several runs finish side by side)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+RUNNING = WORK / "running"
+
+
+def running_keys() -> set[str]:
+    """Keys of runs alive right now (a pid file per run; files of dead processes are removed)."""
+    alive = set()
+    for pid_file in RUNNING.glob("*.pid") if RUNNING.is_dir() else []:
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            alive.add(pid_file.stem)
+        except (OSError, ValueError):
+            pid_file.unlink(missing_ok=True)
+    return alive
+
+
 def launch(specs: list[dict], jobs: int, rows_path: Path = ROWS) -> None:
-    """Run `specs` `jobs` at a time, one 1-thread subprocess each; append each result as it lands."""
+    """Run `specs` so that at most `jobs` runs (of any driver) are alive, one 1-thread subprocess each.
+
+    Each run appends its own result line and keeps a pid file while alive, so a driver can be stopped and
+    restarted (with a new queue) without losing or duplicating runs in flight.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    pending, running = list(specs), []
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while pending and len(running) < jobs:
+    pending, started = list(specs), {}
+    while pending or started:
+        alive = running_keys()
+        done = {r["key"] for r in load_rows(rows_path)}
+        pending = [s for s in pending if s["key"] not in done and s["key"] not in alive]
+        for key in [k for k in started if k not in alive]:
+            spec, t0 = started.pop(key)
+            row = next((r for r in load_rows(rows_path) if r["key"] == key), None)
+            if row is None:
+                print(f"FAILED {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: see {logs / (key + '.log')}",
+                      flush=True)
+            else:
+                print(f"done  {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: wiki "
+                      f"{row['wiki_ppl']:.2f} news {row['news_ppl']:.2f} ({(time.perf_counter() - t0) / 60:.1f} min)",
+                      flush=True)
+        while pending and len(alive) < jobs:
             spec = pending.pop(0)
-            log = open(logs / f"{spec['key']}.log", "w")  # noqa: SIM115 (closed when the run ends)
-            proc = subprocess.Popen([sys.executable, __file__, "one", json.dumps(spec)], stdout=subprocess.PIPE,
-                                    stderr=log, text=True, env=env, cwd=ROOT)
-            running.append((proc, spec, log, time.perf_counter()))
-            print(f"start {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}", flush=True)
-        time.sleep(5)
-        for item in list(running):
-            proc, spec, log, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
+            log = open(logs / f"{spec['key']}.log", "w")  # noqa: SIM115 (the child owns it)
+            subprocess.Popen([sys.executable, __file__, "one", json.dumps(spec), "--rows", str(rows_path)],
+                             stdout=log, stderr=log, text=True, env=env, cwd=ROOT, start_new_session=True)
             log.close()
-            out = proc.stdout.read().strip().splitlines()
-            if proc.returncode != 0 or not out:
-                print(f"FAILED {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: see "
-                      f"{logs / (spec['key'] + '.log')}", flush=True)
-                continue
-            row = json.loads(out[-1])
-            with rows_path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(f"done  {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: wiki "
-                  f"{row['wiki_ppl']:.2f} news {row['news_ppl']:.2f} ({(time.perf_counter() - t0) / 60:.1f} min)",
-                  flush=True)
+            started[spec["key"]] = (spec, time.perf_counter())
+            alive.add(spec["key"])
+            _wait_for_pid_file(spec["key"])
+            print(f"start {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}", flush=True)
+        time.sleep(10)
+
+
+def _wait_for_pid_file(key: str, timeout: float = 60.0) -> None:
+    t0 = time.perf_counter()
+    while not (RUNNING / f"{key}.pid").exists() and time.perf_counter() - t0 < timeout:
+        time.sleep(0.5)
 
 
 def cmd_run(args) -> None:
@@ -288,12 +330,22 @@ def main() -> None:
     run.add_argument("--rows", type=Path, default=ROWS, help="the results file (JSON lines) to append to")
     one = sub.add_parser("one", help=argparse.SUPPRESS)
     one.add_argument("spec")
+    one.add_argument("--rows", type=Path, default=ROWS)
     table = sub.add_parser("table", help="rewrite repair_study.md/.json/.png from repair_study.jsonl")
     table.add_argument("--note", default="", help="a status paragraph under the title")
     table.add_argument("--rows", type=Path, default=ROWS)
     args = p.parse_args()
     if args.cmd == "one":
-        print(json.dumps(one_run(json.loads(args.spec))))
+        spec = json.loads(args.spec)
+        RUNNING.mkdir(parents=True, exist_ok=True)
+        pid_file = RUNNING / f"{spec['key']}.pid"
+        pid_file.write_text(str(os.getpid()))
+        try:
+            row = one_run(spec)
+            append_row(row, args.rows)
+            print(json.dumps(row))
+        finally:
+            pid_file.unlink(missing_ok=True)
     elif args.cmd == "run":
         cmd_run(args)
     else:

@@ -45,7 +45,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("seft", "seft-dense", "lora", "full-masked")
+METHODS = ("seft", "seft-dense", "seft-sparse", "lora", "full-masked")
+DEFAULT_METHODS = {"cpu": "seft,seft-dense,lora,full-masked",  # auto = sparse on CPU
+                   "gpu": "seft,seft-sparse,lora,full-masked"}  # auto = dense on CUDA: time sparse beside it
 SETUPS = {
     "cpu": dict(batch=2, seq=128, warmup=2, steps=12, update_interval=6, stat_window=2, dtype="float32"),
     "gpu": dict(batch=2, seq=2048, warmup=3, steps=20, update_interval=5, stat_window=2, dtype="bfloat16"),
@@ -86,11 +88,12 @@ def wrap(model, method: str, setup: str):
     from seft.baselines import enable_full_masked
     from seft.models import TARGET_MODULES
 
-    if method in ("seft", "seft-dense"):
+    if method.startswith("seft"):
         cfg = SETUPS[setup]
+        kernel = {"seft": "auto", "seft-dense": "dense", "seft-sparse": "sparse"}[method]
         return peft.get_peft_model(model, seft.SeftConfig(
             lora_rank=8, update_interval=cfg["update_interval"], stat_window=cfg["stat_window"], evolve_until=1.0,
-            kernel="dense" if method == "seft-dense" else "auto"))
+            kernel=kernel))
     if method == "lora":
         return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                            target_modules=list(TARGET_MODULES)))
@@ -102,7 +105,7 @@ def wrap(model, method: str, setup: str):
 def adapter_bytes(model, method: str) -> int:
     """Size of what the method must save: the adapter file, or the trained weights (full-masked)."""
     with tempfile.TemporaryDirectory() as tmp:
-        if method in ("seft", "seft-dense", "lora"):
+        if method.startswith("seft") or method == "lora":
             model.save_pretrained(tmp)
             return (Path(tmp) / "adapter_model.safetensors").stat().st_size
         from safetensors.torch import save_file
@@ -395,7 +398,7 @@ def markdown(args, rows: list[dict], kernels: dict | None, seconds: float) -> st
         f"batch {cfg['batch']} x {cfg['seq']} tokens, {cfg['warmup']} warm-up + {cfg['steps']} measured steps per "
         f"run, SEFT `update_interval={cfg['update_interval']}, stat_window={cfg['stat_window']}` (so window steps, "
         f"with the dense weight gradient and the topology update, are reported apart). `seft` = the default "
-        f"kernel (`auto`), `seft-dense` = `kernel: dense`, the path before the sampled product. Each method ran "
+        f"kernel (`auto`), `seft-dense` = `kernel: dense`, the path before the sampled product, `seft-sparse` = `kernel: sparse`. Each method ran "
         f"{args.repeats} times in its own subprocess, interleaved; step times are medians over repeats of each "
         f"run's median. Memory: the resident set sampled every 2 ms by a thread, its peak per step kind "
         f"(ordinary steps, statistics-window steps) minus the RSS after setup (model loaded, pruned and wrapped): "
@@ -415,7 +418,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setup", choices=sorted(SETUPS), default="cpu")
     ap.add_argument("--method", choices=METHODS, help="internal: run one method in this process")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     ap.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; medians are reported")
     ap.add_argument("--kernels", action="store_true", help="also time the kernel variants behind SeftConfig.kernel")
     ap.add_argument("--out", type=Path, help="JSON rows (default benchmarks/results/train_speed_SETUP.json)")
@@ -432,7 +435,7 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = []
     for rep in range(args.repeats):
-        for method in args.methods.split(","):
+        for method in (args.methods or DEFAULT_METHODS[args.setup]).split(","):
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
             done = subprocess.run([sys.executable, __file__, "--setup", args.setup, "--method", method],
                                   check=True, capture_output=True, text=True, env=env)
