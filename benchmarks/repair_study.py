@@ -51,8 +51,8 @@ SETTINGS = {
 }
 
 # The SEFT configuration before this study (the SeftConfig defaults of stop 10), pinned field by field,
-# except the schedule, which the study sets for every SEFT variant (>= 15 updates in 300 steps).
-SCHEDULE = dict(update_interval=15, stat_window=4, evolve_until=0.75)
+# except the schedule, which the study sets for every SEFT variant (15 updates that replace slots in 300 steps).
+SCHEDULE = dict(update_interval=15, stat_window=4, evolve_until=0.8)  # updates at 15..225 replace slots (p > 0): 15
 OLD = dict(initial_replace_fraction=0.3, schedule="cosine", revive_fraction=0.1, sensitivity="taylor",
            growth="gradient", regrow_warmup=10, init="random", protect_updates=0, regrow_moments="seeded",
            **SCHEDULE)

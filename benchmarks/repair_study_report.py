@@ -193,7 +193,7 @@ def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
         "cosine lr with 10% warm-up, merged, then held-out perplexity (SparseGPT protocol, seq_len 256) on the "
         "first 128 windows of held-out wiki and of the news corpus (never trained on). Pruned checkpoints: "
         "Wanda / SparseGPT with 128 x 256-token wiki calibration windows. SEFT schedule for every SEFT "
-        "variant: update_interval 15, stat_window 4, evolve_until 0.75 (15 topology updates). Each method at "
+        "variant: update_interval 15, stat_window 4, evolve_until 0.8 (15 topology updates that replace slots, at steps 15..225). Each method at "
         "its best learning rate on the seed-0 grid below (judged on wiki only; news is never used to choose); "
         "mean ± sample std over the seeds listed. Two runs at a time, one thread each, on 2 CPU cores.", "",
         "## Main table", "", *main, "",
