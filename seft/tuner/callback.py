@@ -11,6 +11,11 @@ step (at the first micro-batch) and the window sees every micro-batch.
 fp16 steps skipped by the scaler leave the optimizer's step counter
 unchanged, which the model detects (no warm-up ageing for that step).
 
+FSDP: FSDP2 (`fsdp_config {"version": 2}`, accelerate `fsdp_version: 2`) is
+supported; FSDP1, CPU offload and 4-bit bases under FSDP are refused at
+`on_init_end` (before accelerate shards the model) and again at
+`on_train_begin` (see seft/distributed.py).
+
 Logging: after an update the callback asks the Trainer to log at that step
 and merges the topology stats (`seft/replaced`, `seft/revived`,
 `seft/repruned`, `seft/sparsity`, ...) into that log entry and into
@@ -25,6 +30,7 @@ import os
 
 from transformers import TrainerCallback
 
+from .. import distributed as D
 from ..errors import SeftError
 
 logger = logging.getLogger(__name__)
@@ -38,20 +44,37 @@ def find_seft_model(model):
     raise SeftError("SeftCallback needs a model wrapped by peft.get_peft_model(model, seft.SeftConfig(...))")
 
 
-FSDP_ERROR = ("SEFT does not support FSDP: its slots are flat indices into whole weight matrices, which FSDP "
-              "shards; train with DDP instead (torchrun / accelerate launch without --fsdp / fsdp_config)")
+def _truthy(value) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
 
 
-def fsdp_in_use(args=None, model=None) -> bool:
-    """True if the Trainer args, accelerate's launcher or the model itself use FSDP (1 or 2)."""
-    if args is not None and getattr(args, "fsdp", None):  # TrainingArguments.fsdp: [] unless FSDP is on
-        return True
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        return True
+def check_fsdp_setup(args=None, model=None) -> bool:
+    """SeftError for an FSDP setup SEFT cannot train under (seft/distributed.py says why).
+
+    FSDP2 is supported. Read from the Trainer args and accelerate's launcher
+    environment (so a bad setup stops before accelerate shards anything) and
+    from the model itself once it is prepared. True if FSDP was asked for.
+    """
+    fsdp_args = bool(args is not None and getattr(args, "fsdp", None))  # TrainingArguments.fsdp: falsy unless FSDP
+    if fsdp_args:
+        config = getattr(args, "fsdp_config", None) or {}
+        version = int(config.get("version", config.get("fsdp_version", 2)))  # transformers' default is 2
+        offload = _truthy(config.get("cpu_offload", False)) or "offload" in str(args.fsdp)
+    elif _truthy(os.environ.get("ACCELERATE_USE_FSDP", "false")):  # accelerate launch --use_fsdp
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default is FSDP1
+        offload = _truthy(os.environ.get("FSDP_OFFLOAD_PARAMS", "false"))
+    else:
+        version, offload = None, False
+    if version is not None:
+        if version != 2:
+            raise SeftError(D.FSDP1_ERROR)
+        if offload:
+            raise SeftError(D.OFFLOAD_ERROR)
+        if model is not None and D.has_4bit_base(model):
+            raise SeftError(D.QUANT_ERROR)
     if model is not None:
-        names = {"FullyShardedDataParallel", "FSDPModule"}
-        return any(any(c.__name__ in names for c in type(m).__mro__) for m in model.modules())
-    return False
+        D.check_fsdp(model)
+    return version is not None
 
 
 class SeftCallback(TrainerCallback):
@@ -62,9 +85,13 @@ class SeftCallback(TrainerCallback):
         self.last_stats: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        check_fsdp_setup(args, model)  # before accelerate prepares (shards) the model
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if fsdp_in_use(args, model):
-            raise SeftError(FSDP_ERROR)
+        if check_fsdp_setup(args, model) and not D.check_fsdp(model):  # the prepared model: FSDP1, offload
+            logger.warning("FSDP was asked for but the model is not sharded; accelerate enables FSDP on "
+                           "accelerators only and runs a CPU job as DDP, under which SEFT trains as usual")
         seft = find_seft_model(model)
         if optimizer is not None:
             seft.seft_check_optimizer(optimizer)

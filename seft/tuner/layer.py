@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import SeftError
 from ..sparsity import Pattern, detect_nm, index_dtype
+from . import shards as S
 from . import sparse_ops as SO
 from . import topology as T
 from .function import effective_weight, seft_linear, sparse_delta
@@ -206,9 +207,12 @@ class SeftLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def topology_weight(self) -> torch.Tensor:
-        """The dense base weight topology decisions read (detached; for a 4-bit base see quant.py)."""
+        """The dense base weight topology decisions read (detached; for a 4-bit base see quant.py).
+
+        Under FSDP2 outside forward/backward the weight is a sharded DTensor and this is an all-gather
+        (shards.py): every rank must call it, in the same order."""
         base = self.get_base_layer()
-        return quantized_topology_weight(base) if is_4bit(base) else base.weight.detach()
+        return quantized_topology_weight(base) if is_4bit(base) else S.full(base.weight)
 
     def removed_base_values(self, removed: torch.Tensor) -> torch.Tensor:
         """4-bit base: the dequantized weights at `removed`, cached until `removed` changes."""
@@ -318,25 +322,29 @@ class Linear(nn.Module, SeftLayer):
             if adapter not in self.seft_values or adapter in self.merged_adapters:
                 continue
             values, indices, removed = self.seft_state(adapter)
-            flat = base.weight.data.reshape(-1)
-            merged = effective_weight(base.weight, values, indices, removed)
+            weight = S.full(base.weight)  # FSDP2: gathered whole, one layer at a time
+            merged = effective_weight(weight, S.full(values), indices, removed)
             if not torch.isfinite(merged).all():  # always, not only with safe_merge: NaN weights must not pass
                 raise SeftError(f"NaNs/Infs in the merged SEFT weight of adapter {adapter!r} "
                                 f"({self.out_features}x{self.in_features}); not merged")
-            self._seft_merge_backup[adapter] = (removed.clone(), flat[removed.long()].clone())
-            base.weight.data.copy_(merged)
+            self._seft_merge_backup[adapter] = (removed.clone(), weight.reshape(-1)[removed.long()].clone())
+            S.write_full(base.weight, merged)  # FSDP2: each rank keeps its own rows
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         base = self.get_base_layer()
-        flat = base.weight.data.view(-1)
+        sharded = S.is_sharded(base.weight)  # FSDP2 outside forward: edit a gathered copy, keep own rows
+        weight = S.full(base.weight).clone() if sharded else base.weight.data
+        flat = weight.view(-1)
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             values, indices, _ = self.seft_state(adapter)
-            flat.index_add_(0, indices.long(), -values.to(flat.dtype))
+            flat.index_add_(0, indices.long(), -S.full(values).to(flat.dtype))
             removed, originals = self._seft_merge_backup.pop(adapter)
             flat[removed.long()] = originals
+        if sharded:
+            S.write_full(base.weight, weight)
 
     def __repr__(self) -> str:
         return "seft." + super().__repr__()

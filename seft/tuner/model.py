@@ -58,6 +58,7 @@ from torch import nn
 
 from ..errors import SeftError
 from ..models import SUPPORTED_MODEL_TYPES, TARGET_MODULES
+from . import shards as S
 from . import topology as T
 from .config import SeftConfig
 from .layer import Linear, SeftLayer
@@ -114,6 +115,16 @@ class SeftModel(BaseTuner):
         if nm:
             logger.info("SEFT: N:M pattern(s) %s detected; growth stays inside active positions", ", ".join(nm))
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """peft's selection of the adapter entries, with FSDP2-sharded `values` gathered whole.
+
+        So `save_pretrained` writes the same file as a 1-process run; under FSDP2 every rank must call it
+        (the gathers are collectives) and only one write (`is_main_process`; seft.distributed.save_pretrained).
+        """
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {key: S.full(value) if S.is_sharded(value) else value for key, value in selected.items()}
+
     # --- helpers ---------------------------------------------------------------
 
     def _adapter(self) -> str:
@@ -160,8 +171,9 @@ class SeftModel(BaseTuner):
                 window.end_step()
             values = layer.seft_values[adapter]
             warming = (layer.seft_age[adapter] < cfg.regrow_warmup).nonzero().flatten()
+            mine, pos = S.local_positions(values, warming)  # FSDP2: the warming slots this rank's shard holds
             layer._seft_snapshot = (
-                warming, values.detach()[warming].clone(),
+                warming[mine], pos, S.local(values)[pos].clone(),
                 optimizer_step_count(optimizer, values) if optimizer is not None else None,
             )
 
@@ -174,14 +186,15 @@ class SeftModel(BaseTuner):
             if snapshot is None:
                 continue
             layer._seft_snapshot = None
-            warming, before, step_before = snapshot
+            warming, pos, before, step_before = snapshot
             values = layer.seft_values[adapter]
             if step_before is not None and optimizer_step_count(optimizer, values) == step_before:
                 continue  # step skipped (fp16 scaler overflow): the optimizer's counter did not move
             age = layer.seft_age[adapter]
             if warming.numel():
                 scale = T.warmup_scale(age[warming], cfg.regrow_warmup).to(values.dtype)
-                values.data[warming] = before + (values.data[warming] - before) * scale
+                shard = S.local(values)
+                shard[pos] = before + (shard[pos] - before) * scale
             age.clamp_(max=cfg.age_cap() - 1).add_(1)
 
     @torch.no_grad()
@@ -207,13 +220,13 @@ class SeftModel(BaseTuner):
             weight = layer.topology_weight().reshape(-1)
             age = layer.seft_age[adapter]
             protect = age <= cfg.protect_updates * cfg.update_interval if cfg.protect_updates > 0 else None
-            res = T.evolve(weight, values.detach(), indices, removed, stats, T.replace_count(p, meta.k), meta.n,
+            res = T.evolve(weight, S.full(values), indices, removed, stats, T.replace_count(p, meta.k), meta.n,
                            cfg.revive_fraction, cfg.sensitivity, nm=bool(meta.nm), protect=protect,
                            reselect=reselect)
             # churn: dropped slots grown at the previous update or later
             totals["dropped_young"] += int((age[res.replaced_slots] <= cfg.update_interval).sum().item())
             indices.copy_(res.indices)
-            values.data[res.replaced_slots] = 0.0
+            S.local(values)[S.local_positions(values, res.replaced_slots)[1]] = 0.0
             age[res.replaced_slots] = 0
             layer.seft_removed[adapter] = res.removed.to(removed.device)
             if optimizer is not None:

@@ -13,6 +13,9 @@ Supported:
     8-bit moments are dequantised, edited and requantised (tensors below
     bnb's `min_8bit_size` keep fp32 moments and are edited directly);
   - stateless optimizers (plain SGD without momentum): nothing to seed.
+Under FSDP2 the Adam moments are DTensors sharded like `values`: each rank
+rewrites the replaced slots its shard holds (shards.py); bitsandbytes'
+8-bit state is not supported there.
 Any other stateful optimizer is a SeftError, since leaving stale moments on
 a regrown slot is the cold-start spike the spec exists to avoid.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SeftError
+from . import shards
 from .topology import seeded_moments
 
 TORCH_ADAM = (torch.optim.Adam, torch.optim.AdamW)
@@ -95,11 +99,16 @@ def reseed_moments(optimizer, param: torch.Tensor, slots: torch.Tensor, g_mean: 
     m, v = seeded_moments(g_mean, g_sq_mean, step, beta1, beta2)
     slots = slots.long()
     if isinstance(opt, TORCH_ADAM):
-        state["exp_avg"][slots] = m.to(state["exp_avg"].dtype)
-        state["exp_avg_sq"][slots] = v.to(state["exp_avg_sq"].dtype)
-        if "max_exp_avg_sq" in state:
-            state["max_exp_avg_sq"][slots] = v.to(state["max_exp_avg_sq"].dtype)
+        # FSDP2: the moments are DTensors laid out like `param`; each rank writes the slots its shard holds
+        mine, pos = shards.local_positions(state["exp_avg"], slots)
+        for key, new in (("exp_avg", m), ("exp_avg_sq", v), ("max_exp_avg_sq", v)):
+            if key in state:
+                moment = shards.local(state[key])
+                moment[pos] = new[mine].to(moment.dtype)
         return True
+    if shards.is_sharded(param):
+        raise SeftError(f"SEFT under FSDP2 re-seeds torch Adam/AdamW moments only, not {type(opt).__name__}'s; "
+                        "use torch.optim.AdamW")
     _reseed_bnb(state, slots, m, v)
     return True
 
