@@ -6,6 +6,13 @@ reference). Each rank writes the whole SEFT state it ends with (sharded
 `values` gathered), its base weights, the adapter saved with
 `seft.distributed.save_pretrained`, and the model merged with
 `merge_and_unload` and saved the same way.
+
+`train_trainer` does the same through a stock Trainer + SeftCallback.
+accelerate runs FSDP on accelerators only (on CPU its FSDP plugin gives way
+to DDP), so there the model is sharded by `shard_for_seft` first and handed
+to Trainer as transformers' own FSDP2 loading does (`from_pretrained(...,
+distributed_config=...)` sets the flag that tells Trainer the model already
+owns its sharding and gradient reduction).
 """
 from __future__ import annotations
 
@@ -61,6 +68,56 @@ def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12, 
                os.path.join(out_dir, f"rank{rank}_{tag}.pt"))
     if world_size > 1:
         torch.distributed.destroy_process_group()
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def train_trainer(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12) -> None:
+    """Trainer + SeftCallback; per-device batch 4 / world_size in order, so each step sees one global batch."""
+    import peft
+    from ddp_worker import global_batches, make_model
+    from transformers import Trainer, TrainingArguments
+
+    import seft
+    from seft.distributed import shard_for_seft
+
+    if world_size > 1:
+        from accelerate.state import AcceleratorState, GradientState
+
+        # a forked rank inherits the parent's (1-process) accelerate singletons: start from none
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(make_model(), seft.SeftConfig(**CONFIG))
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, f"trainer_of{world_size}"), max_steps=steps,
+        per_device_train_batch_size=4 // world_size, train_sampling_strategy="sequential", learning_rate=2e-2,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1000, save_strategy="no",
+        report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    if world_size > 1:
+        import torch.distributed as dist
+
+        assert dist.is_initialized() and dist.get_world_size() == world_size
+        shard_for_seft(model)
+        model.get_base_model()._is_distributed_loading_by_transformers = True
+    blocks = global_batches(steps, 4, 16, model.config.vocab_size).reshape(-1, 16)
+    callback = seft.SeftCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(blocks), callbacks=[callback])
+    trainer.train()
+    trainer.save_model(os.path.join(out_dir, f"trainer_adapter_of{world_size}"))
+    torch.save({"history": callback.history}, os.path.join(out_dir, f"trainer_rank{rank}_of{world_size}.pt"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ sparse kernel patches FSDP's all-gathered weight in place and restores it);
 the adapter and the merged model saved under FSDP2 must equal the
 1-process files, and the adapter loads in this (fresh) process.
 
+The same through a stock Trainer + SeftCallback (accelerate's FSDP plugin
+does not run on CPU, see fsdp_worker.train_trainer).
+
 Also: FSDP setups SEFT cannot train under are refused with a line naming
 what to use instead.
 """
@@ -89,6 +92,23 @@ def test_fsdp2_two_ranks_identical_topology(tmp_path):
     assert state.keys() == r0["state"].keys()
     for key, value in state.items():
         assert torch.equal(value, r0["state"][key]), key
+
+
+def test_fsdp2_trainer_matches_one_process(tmp_path):
+    """The same through a stock Trainer + SeftCallback (model sharded by shard_for_seft; see fsdp_worker)."""
+    fsdp_worker.train_trainer(0, 1, str(tmp_path), 0)
+    mp.start_processes(fsdp_worker.train_trainer, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True,
+                       start_method="fork")
+    r0, r1, single = (torch.load(tmp_path / f"trainer_rank{r}_of{w}.pt") for r, w in ((0, 2), (1, 2), (0, 1)))
+    assert [h["step"] for h in r0["history"]] == [3, 6, 9]
+    assert sum(h["seft/revived"] for h in r0["history"]) > 0
+    assert r0["history"] == r1["history"]
+    for ours, ref in zip(r0["history"], single["history"]):
+        assert ours.keys() == ref.keys()
+        for key in ours:  # counts exactly; the schedule's fraction and the sparsity as floats
+            assert ours[key] == pytest.approx(ref[key], rel=1e-9), key
+    _assert_files_match(tmp_path / "trainer_adapter_of2", tmp_path / "trainer_adapter_of1",
+                        "adapter_model.safetensors")
 
 
 def _pm():
