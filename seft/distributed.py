@@ -15,9 +15,19 @@ base weight lose their shapes), FSDP2 CPU offload (topology updates gather
 shards with collectives on the training device), and a 4-bit (QSEFT) base
 (bitsandbytes' packed weights cannot be sharded; QSEFT trains under DDP).
 
-Saving: the parameters are sharded, so `save_pretrained` gathers the whole
-state first (`full_state_dict`); rank 0 writes, and the files equal those of
-a 1-process run. Run it on every rank (the gathers are collectives).
+Saving: SeftModel gathers the sharded `values` when peft collects the
+adapter state, so `save_pretrained` on every rank (rank 0 writing) gives the
+files of a 1-process run; `save_pretrained` here does that, and for a merged
+(plain HF) model gathers the whole state first (`full_state_dict`). Every
+gather is a collective: call these, like `seft_update` and
+`seft_sparsity_report`, on every rank in the same order.
+
+The sparse kernel's in-place patch (function.py `patched_weight`) stays
+correct under FSDP2: inside forward/backward the weight it edits is FSDP's
+all-gather output (a buffer apart from the shard), the edit is undone
+bit-exactly before the autograd Function returns, and FSDP refills that
+buffer from the untouched shards at its next unshard (tests/test_fsdp.py
+checks base weights bit-equal and values equal to a 1-process run).
 """
 from __future__ import annotations
 

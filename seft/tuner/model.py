@@ -38,6 +38,11 @@ step; `total_steps` the planned number of optimizer steps::
     `removed`, `revived_slots`, `sparsity`, and the totals.
   - `seft_check_optimizer(optimizer)`: SeftError for unsupported optimizers.
 
+FSDP2 (`fully_shard`, seft/distributed.py): the same calls on every rank.
+`seft_update`, `seft_sparsity_report` and `save_pretrained` gather each
+layer's sharded weight / `values` (collectives), and every edit of `values`
+or its moments goes to the rank holding that slot (shards.py).
+
 Resume: the whole topology lives in the adapter state dict (values,
 indices, removed, slot ages); `n` and the N:M pattern derive from the frozen
 base; the schedule is a function of the step. Trainer's checkpoint holds
