@@ -8,28 +8,21 @@ the all-reduce sums in another order).
 """
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ranks import free_port, run_ranks  # noqa: E402
 
 
 @pytest.mark.parametrize("growth", ["gradient", "normalized"])
 def test_ddp_two_ranks_identical_topology(tmp_path, growth):
     """`normalized` also all-reduces the per-channel activation statistics."""
-    mp.spawn(ddp_worker.train, args=(2, str(tmp_path), _free_port(), 12, growth), nprocs=2, join=True)
+    run_ranks(ddp_worker.train, (2, str(tmp_path), free_port(), 12, growth))
     ddp_worker.train(0, 1, str(tmp_path), 0, 12, growth)
     r0 = torch.load(tmp_path / "rank0_of2.pt")
     r1 = torch.load(tmp_path / "rank1_of2.pt")

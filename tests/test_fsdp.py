@@ -20,7 +20,6 @@ what to use instead.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,6 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import build_tiny_model
 from safetensors.torch import load_file
 from test_tuner_helpers import prune_tiny
@@ -41,12 +39,7 @@ from seft.tuner.callback import check_fsdp_setup
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker  # noqa: E402
 import fsdp_worker  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ranks import free_port, run_ranks  # noqa: E402
 
 
 def _assert_files_match(sharded: Path, single: Path, weights: str) -> None:
@@ -67,9 +60,7 @@ def _assert_files_match(sharded: Path, single: Path, weights: str) -> None:
 
 def test_fsdp2_two_ranks_identical_topology(tmp_path):
     fsdp_worker.train(0, 1, str(tmp_path), 0)  # the 1-process reference (also imports what the ranks need)
-    # fork: the ranks inherit the imported modules (spawn would re-import transformers/peft per rank)
-    mp.start_processes(fsdp_worker.train, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True,
-                       start_method="fork")
+    run_ranks(fsdp_worker.train, (2, str(tmp_path), free_port()))
     r0, r1, single = (torch.load(tmp_path / f"{name}.pt") for name in ("rank0_of2", "rank1_of2", "rank0_of1"))
     assert len(r0["history"]) >= 3, "the run should pass through several topology updates"
     assert sum(h["seft/replaced"] for h in r0["history"]) > 0
@@ -97,8 +88,7 @@ def test_fsdp2_two_ranks_identical_topology(tmp_path):
 def test_fsdp2_trainer_matches_one_process(tmp_path):
     """The same through a stock Trainer + SeftCallback (model sharded by shard_for_seft; see fsdp_worker)."""
     fsdp_worker.train_trainer(0, 1, str(tmp_path), 0)
-    mp.start_processes(fsdp_worker.train_trainer, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True,
-                       start_method="fork")
+    run_ranks(fsdp_worker.train_trainer, (2, str(tmp_path), free_port()))
     r0, r1, single = (torch.load(tmp_path / f"trainer_rank{r}_of{w}.pt") for r, w in ((0, 2), (1, 2), (0, 1)))
     assert [h["step"] for h in r0["history"]] == [3, 6, 9]
     assert sum(h["seft/revived"] for h in r0["history"]) > 0
