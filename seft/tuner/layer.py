@@ -39,11 +39,11 @@ it, never calling `load_state_dict`. So:
     `removed` at its saved length, and NaN / -1 fillers everywhere, so the
     shapes match and anything a loader skips is recognisably not loaded;
   - state is validated (validate.py) on first use whenever it is not known
-    good: `seft_state` compares the integer tensors (identity and in-place
-    version) with the last validated ones. Creation, our own updates and
-    `load_state_dict` (pre-hook validates, post-hook records) leave it known
-    good; a loader's `setattr` or a device move makes the next use validate
-    once; a placeholder still in place is a SeftError naming the tensor.
+    good: `seft_state` compares the integer tensor objects with the last
+    validated ones. Creation, our own updates and `load_state_dict`
+    (pre-hook validates, post-hook records) leave it known good; a loader's
+    `setattr` or a device move makes the next use validate once; a
+    placeholder still in place is a SeftError naming the tensor.
   So a skipped or mismatched tensor (e.g. `ignore_mismatched_sizes=True` on
   an old adapter without `removed_sizes`) raises instead of running the base
   weights SEFT removed.
@@ -250,12 +250,15 @@ class SeftLayer(BaseTunerLayer):
     # --- known-good state (see the module docstring: loading by any loader) ----------------
 
     def _state_mark(self, adapter: str) -> tuple:
-        """What must be unchanged for the state to stay known good: the integer tensors and their versions.
+        """What must be unchanged for the state to stay known good: the integer tensor objects.
 
-        `values` is left out on purpose: FSDP2 swaps that Parameter at every forward, and any float vector
-        of the right length is a valid delta; a loader that skipped it leaves the placeholder, caught below."""
-        indices, removed, age = (getattr(self, name)[adapter] for name in INT_STATE)
-        return indices, indices._version, removed, removed._version, age
+        Identity, not in-place versions: loaders that bypass `load_state_dict` put new tensors in (transformers'
+        `setattr`), while in-place writes come from code that keeps the state valid (our updates; DDP's buffer
+        broadcast, which rewrites every buffer at every forward with rank 0's identical copy, and would
+        otherwise cost a validation per step). `values` is left out: FSDP2 swaps that Parameter at every
+        forward, and any finite float vector of the right length is a valid delta; a loader that skipped it
+        leaves the placeholder, caught below."""
+        return tuple(getattr(self, name)[adapter] for name in INT_STATE)
 
     def state_mark_good(self, adapter: str) -> None:
         """Record the current state as valid (after creation, a topology update or a validated load)."""
@@ -264,8 +267,7 @@ class SeftLayer(BaseTunerLayer):
 
     def _state_known_good(self, adapter: str) -> bool:
         mark = self._seft_good.get(adapter)
-        return mark is not None and all(
-            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(mark, self._state_mark(adapter)))
+        return mark is not None and all(a is b for a, b in zip(mark, self._state_mark(adapter)))
 
     def pending_placeholders(self, adapter: str) -> list[str]:
         """State tensors of `adapter` still holding the placeholders built for a load."""
