@@ -200,3 +200,20 @@ def test_base_path_is_absolute_and_auto_peft_works_elsewhere(tmp_path, monkeypat
     monkeypatch.chdir(elsewhere)
     loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(work / "adapter"))
     torch.testing.assert_close(_logits(loaded, x), ref, rtol=0, atol=0)
+
+
+def test_transformers_pipeline_on_the_adapter_dir(saved, tiny_tokenizer, tmp_path):
+    """`pipeline(model=adapter_dir)` generates what the PeftModel generates (greedy)."""
+    from transformers import pipeline
+
+    root = saved[0]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    tiny_tokenizer.save_pretrained(adapter)
+    got = pipeline("text-generation", model=str(adapter), tokenizer=tiny_tokenizer, device="cpu")(
+        "The function", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), adapter).eval()
+    ids = tiny_tokenizer("The function", return_tensors="pt").input_ids
+    want = tiny_tokenizer.decode(pm.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:],
+                                 skip_special_tokens=True)
+    assert got == want and len(want) > 0
