@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -26,10 +27,21 @@ PTH = ROOT / "seft_peft_hook.pth"
 HEAVY = ("torch", "peft", "transformers", "lm_eval", "datasets", "accelerate")
 
 
-def _python(code: str, env: dict | None = None, check: bool = True, cwd: Path | None = None
-            ) -> subprocess.CompletedProcess:
+def _python(code: str, env: dict | None = None, check: bool = True, cwd: Path | None = None,
+            without_pth_files: bool = False) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter.
+
+    `without_pth_files`: start with -S and put site-packages (and this checkout) on sys.path by hand, so no
+    installed .pth file runs: an interpreter where seft's hook is not installed, whatever this venv holds.
+    """
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    flags = []
+    code = textwrap.dedent(code)
+    if without_pth_files:
+        flags = ["-S"]
+        paths = [*site.getsitepackages(), str(ROOT)]
+        code = f"import sys; sys.path.extend({paths!r})\n" + code
+    out = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
                          env=run_env, timeout=600, cwd=cwd)
     if check and out.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{out.stdout}\n{out.stderr}")
@@ -116,13 +128,14 @@ def _site_dir_with_pth(tmp_path: Path) -> Path:
 def test_pth_makes_stock_peft_load_seft_without_import_seft(adapter, tmp_path):
     """`site.addsitedir` is what Python's start-up does for site-packages: it runs the .pth line."""
     site = _site_dir_with_pth(tmp_path)
-    out = _python(_STOCK_LOAD.format(site=f"import site; site.addsitedir({str(site)!r})", root=str(adapter)))
+    out = _python(_STOCK_LOAD.format(site=f"import site; site.addsitedir({str(site)!r})", root=str(adapter)),
+                  without_pth_files=True)
     assert out.stdout.strip().splitlines()[-1] == "maxdiff 0.0"
 
 
 def test_without_the_pth_stock_peft_cannot_know_seft(adapter):
     """The control: the same script without the .pth is the reported failure, so the hook is what fixes it."""
-    out = _python(_STOCK_LOAD.format(site="", root=str(adapter)), check=False)
+    out = _python(_STOCK_LOAD.format(site="", root=str(adapter)), check=False, without_pth_files=True)
     assert out.returncode != 0 and "KeyError: 'SEFT'" in out.stderr
 
 
@@ -141,17 +154,23 @@ def test_pth_hook_survives_an_availability_check(tmp_path):
 
 
 def test_pth_start_up_imports_only_the_hook(tmp_path):
-    """Start-up cost: the .pth line imports seft's two tiny modules and nothing else."""
+    """Start-up cost: the .pth line imports seft's two tiny modules and, besides them, only the stdlib.
+
+    (This venv may hold the installed .pth already; then processing it again adds nothing.)
+    """
     site = _site_dir_with_pth(tmp_path)
     out = _python(f"""
-        import sys
+        import json, sys
         before = set(sys.modules)
         import site; site.addsitedir({str(site)!r})
-        print(sorted(set(sys.modules) - before))
+        after = set(sys.modules)
+        print(json.dumps([sorted(after - before), sorted(after)]))
     """)
-    new = set(eval(out.stdout.strip().splitlines()[-1]))
-    assert {"seft", "seft._peft_hook"} <= new
-    assert new - {"seft", "seft._peft_hook", "__future__", "importlib.util", "importlib._abc", "importlib.machinery"} == set()
+    new, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"seft", "seft._peft_hook"} <= set(after)
+    assert [m for m in new if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "seft"] == []
+    assert [m for m in new if m.startswith("seft.") and m != "seft._peft_hook"] == []
+    assert [m for m in after if m.split(".")[0] in HEAVY] == []
 
 
 def _project_copy(tmp_path: Path) -> Path:
