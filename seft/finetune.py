@@ -314,7 +314,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
             "recipe": job.as_recipe(), "log_history": trainer.state.log_history,
         }
         write_json(Path(tmp) / REPORT_NAME, report)
-        _keep_tensorboard_logs(work, Path(tmp))
+        _keep_tensorboard_logs(work, Path(tmp), output)
     shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -322,7 +322,7 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
 TENSORBOARD_DIR = "runs"
 
 
-def _keep_tensorboard_logs(work: Path, output: Path) -> None:
+def _keep_tensorboard_logs(work: Path, output: Path, final: Path) -> None:
     """Copy the TensorBoard event files (`train.report_to: tensorboard`) from the work folder into OUTPUT/runs.
 
     The Trainer writes them under its output_dir, which is the work folder removed after a successful run;
@@ -332,7 +332,7 @@ def _keep_tensorboard_logs(work: Path, output: Path) -> None:
     runs = work / TENSORBOARD_DIR
     if runs.is_dir() and any(runs.rglob("events.out.tfevents.*")):
         shutil.copytree(runs, output / TENSORBOARD_DIR, dirs_exist_ok=True)
-        logger.info("TensorBoard event files kept in %s", output.name + "/" + TENSORBOARD_DIR)
+        logger.info("TensorBoard event files kept in %s", Path(final) / TENSORBOARD_DIR)
 
 
 def _summary(per_layer: dict[str, float] | None) -> dict | None:

@@ -187,9 +187,10 @@ def plot_sparsity(layers: list[dict], path: Path, title: str, base: list[float] 
     if base:
         ax.bar([i - width / 2 for i in index], base, width, label="base", color="#9aa5b1")
         ax.bar([i + width / 2 for i in index], values, width, label="with adapter", color="#2f6db5")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right")
     else:
         ax.bar(index, values, width, color="#2f6db5")
+    ax.set_xticks(index if len(index) <= 40 else index[:: max(1, len(index) // 20)])
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("sparsity (fraction of zeros)")
     ax.set_ylim(0, 1)
