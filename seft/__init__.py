@@ -1,13 +1,17 @@
 """seft — prune LLaMA/Mistral-family LMs and repair them with SEFT.
 
-Light at import: heavy modules (transformers, peft, lm_eval) load on first
-use of the names below. Accessing `SeftConfig` (or anything from the tuner)
-registers the `SEFT` adapter type with peft.
+Light at import: `import seft` loads no torch, transformers or peft (the CLI's
+`--help` and the .pth start-up hook depend on it; tests/test_import_hook.py
+checks it). The names below load their module on first use. The SEFT adapter
+type reaches peft through `seft._peft_hook`: registered at once if peft is
+already imported, else the moment peft is (installed seft does this in every
+interpreter, via seft_peft_hook.pth, without `import seft`).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+from . import _peft_hook  # noqa: F401  (installs the peft import hook; imports nothing heavy)
 
 __version__ = "0.1.0"
 
@@ -27,7 +31,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'seft' has no attribute {name!r}")
@@ -36,16 +40,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def _register_with_peft() -> None:
-    """peft must know the SEFT type before PeftModel.from_pretrained reads a config."""
-    if importlib.util.find_spec("seft.tuner") is not None:
-        importlib.import_module("seft.tuner")
-
-
-import importlib.util  # noqa: E402
-import logging  # noqa: E402
-
-# bitsandbytes (imported by peft) warns on every CPU start that it cannot fetch an
-# optional kernel from the hub; this project runs offline, so the line is only noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-_register_with_peft()
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

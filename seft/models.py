@@ -32,8 +32,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Architectures whose decoder layers are laid out like LLaMA's.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose decoder layers are laid out like LLaMA's (`model.layers[i]` with self_attn.{q,k,v,o}_proj
+# and mlp.{gate,up,down}_proj) and all take the same inputs. Gemma is one: its differences (scaled
+# embeddings, (1 + w) norms, GeGLU) live outside the linears SEFT and the pruners touch. Gemma 2/3 are not
+# (yet): their layers alternate sliding-window and full attention with a different mask each, while the
+# pruning engine replays layer 0's captured inputs through every layer.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 TARGET_MODULES = ATTENTION_LINEARS + MLP_LINEARS
@@ -198,10 +202,9 @@ def load_config(name_or_path: str | os.PathLike):
 def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ",".join(getattr(config, "architectures", None) or []) or "?"
-        raise SeftError(
-            f"unsupported architecture {model_type!r} ({arch}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        arch = ",".join(getattr(config, "architectures", None) or [])
+        raise SeftError(f"unsupported architecture {model_type!r}{f' ({arch})' if arch else ''}; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def load_model(

@@ -1,9 +1,11 @@
 """The SEFT adapter (DESIGN.md §1), laid out like a peft tuner.
 
-Importing this package registers the PEFT type "SEFT" with upstream peft
-(`import seft` does it), so `peft.get_peft_model(model, SeftConfig(...))`,
-`save_pretrained`, `PeftModel.from_pretrained`, `merge_and_unload` and
-`disable_adapter` work as for built-in methods.
+Importing this package registers the PEFT type "SEFT" with upstream peft, so
+`peft.get_peft_model(model, SeftConfig(...))`, `save_pretrained`,
+`PeftModel.from_pretrained`, `merge_and_unload` and `disable_adapter` work as
+for built-in methods. It is imported for the user right after peft's own
+import (seft/_peft_hook.py: by the installed .pth in any interpreter, or once
+`import seft` ran).
 """
 from __future__ import annotations
 

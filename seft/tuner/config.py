@@ -10,6 +10,13 @@ Naming: the statistics window is `stat_window` (optimizer steps observed
 before each update). It is deliberately *not* called "accumulation steps",
 to stay distinct from the Trainer's `gradient_accumulation_steps`; with
 gradient accumulation every micro-batch of those steps counts.
+
+`removed_sizes` is not a setting but a record of the saved state: per layer,
+the length of `seft_removed` (the only state tensor whose length changes with
+the topology), written at every save. Loaders that size buffers before they
+copy (transformers' `from_pretrained(adapter_dir)` / `load_adapter` /
+`pipeline`, which compare shapes and never call `load_state_dict`) need it;
+see layer.py for how a config carrying it builds placeholders.
 """
 from __future__ import annotations
 
@@ -84,6 +91,10 @@ class SeftConfig(PeftConfig):
                 "products for a 4-bit base's delta), or the dense weight gradient + gather; auto = sparse on "
                 "CPU up to 10% density, dense on accelerators (measured in benchmarks/train_speed.py)."})
 
+    removed_sizes: dict[str, int] | None = field(default=None, metadata={
+        "help": "Written at save: {layer: len(seft_removed)} of the saved state (None = a new adapter). A config "
+                "carrying it builds placeholder state that must be loaded before use."})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SEFT_PEFT_TYPE
@@ -127,6 +138,31 @@ class SeftConfig(PeftConfig):
                             f"{choices_hint(self.regrow_moments, REGROW_MOMENTS)}")
         if self.candidates is not None and int(self.candidates) < 1:
             raise SeftError(f"candidates must be >= 1 or None, got {self.candidates}")
+        if self.removed_sizes is not None:
+            if not isinstance(self.removed_sizes, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for k, v in self.removed_sizes.items()):
+                raise SeftError("removed_sizes must map layer names to counts >= 0 (it is written at save; "
+                                "set it to None for a new adapter)")
+
+    def record_saved_state(self, sizes: dict[str, int]) -> None:
+        """Sizes of the state about to be saved; written by the next `save_pretrained` (the adapter's save
+        computes the state dict, then saves this config)."""
+        self._saved_removed_sizes = dict(sizes)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's save, with `removed_sizes` of the state saved alongside (see `record_saved_state`).
+
+        The live config keeps its own `removed_sizes` (None for a new adapter), so the same object can
+        still build a new adapter after a save."""
+        recorded = getattr(self, "_saved_removed_sizes", None)
+        if recorded is None:
+            return super().save_pretrained(save_directory, **kwargs)
+        own, self.removed_sizes = self.removed_sizes, recorded
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.removed_sizes = own
 
     def age_cap(self) -> int:
         """Slot ages saturate here: past the warm-up, the drop protection and one interval (the churn statistic:

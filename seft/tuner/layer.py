@@ -28,6 +28,25 @@ Guards:
   - unmerge after merge restores the base weights zeroed by `removed` from a
     backup kept in memory at merge time (not saved: a merged model is meant
     to be unloaded).
+
+Loading by any loader (issue 14): peft's `PeftModel.from_pretrained` goes
+through `load_state_dict` (the pre-hook above), but transformers'
+`from_pretrained(adapter_dir)` / `load_adapter` / `pipeline` inject the
+adapter, compare each file tensor's shape with the module's and `setattr`
+it, never calling `load_state_dict`. So:
+  - a config that describes saved state (`removed_sizes` recorded at save,
+    or `inference_mode`, which both loaders set) builds *placeholders*:
+    `removed` at its saved length, and NaN / -1 fillers everywhere, so the
+    shapes match and anything a loader skips is recognisably not loaded;
+  - state is validated (validate.py) on first use whenever it is not known
+    good: `seft_state` compares the integer tensor objects with the last
+    validated ones. Creation, our own updates and `load_state_dict`
+    (pre-hook validates, post-hook records) leave it known good; a loader's
+    `setattr` or a device move makes the next use validate once; a
+    placeholder still in place is a SeftError naming the tensor.
+  So a skipped or mismatched tensor (e.g. `ignore_mismatched_sizes=True` on
+  an old adapter without `removed_sizes`) raises instead of running the base
+  weights SEFT removed.
 """
 from __future__ import annotations
 
@@ -171,6 +190,10 @@ class SeftLayer(BaseTunerLayer):
         self._seft_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._seft_removed_base: tuple[torch.Tensor, int, torch.Tensor] | None = None  # 4-bit: W_q[removed]
         self._seft_csr: dict[str, tuple] = {}  # adapter -> (key tensors + versions, SlotCSR, DeltaCSR | None)
+        self._seft_key = ""  # the module name, for messages
+        self._seft_good: dict[str, tuple] = {}  # adapter -> integer state last known valid (see state_mark)
+        self._seft_placeholders: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> tensors awaiting a load
+        self._seft_loading: set[str] = set()  # adapters the load pre-hook validated, for the post-hook
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
@@ -178,6 +201,7 @@ class SeftLayer(BaseTunerLayer):
             raise SeftError(f"SEFT adapts nn.Linear layers only, got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.register_load_state_dict_pre_hook(_fit_int_state_before_load)
+        self.register_load_state_dict_post_hook(_mark_loaded_state_good)
 
     @torch.no_grad()
     def update_layer(self, adapter_name: str, config, layer_key: str = "") -> None:
@@ -193,18 +217,82 @@ class SeftLayer(BaseTunerLayer):
                 f"({self.out_features}x{self.in_features}); lower density/lora_rank"
             )
         nm = detect_nm(weight.detach()) if n < flat.numel() else None
-        gen = torch.Generator().manual_seed((int(config.seed) * 1_000_003 + zlib.crc32(layer_key.encode())) % 2**63)
         idx_dtype = index_dtype(flat.numel())
-        slots = T.initial_slots(active.cpu(), k, gen).to(idx_dtype)
         device = weight.device
-        self.seft_values[adapter_name] = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
-        self.seft_indices[adapter_name] = slots.to(device)
-        self.seft_removed[adapter_name] = torch.empty(0, dtype=idx_dtype, device=device)
-        self.seft_age[adapter_name] = torch.full((k,), config.age_cap(), dtype=torch.int32, device=device)
+        self._seft_key = layer_key or self._seft_key
         cands = int(config.candidates) if config.candidates is not None else k
         self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands,
                                                  kernel=getattr(config, "kernel", "auto"))
+        if describes_saved_state(config):
+            self._make_placeholders(adapter_name, k, int((config.removed_sizes or {}).get(layer_key, 0)),
+                                    idx_dtype, device)
+        else:
+            gen = torch.Generator().manual_seed(
+                (int(config.seed) * 1_000_003 + zlib.crc32(layer_key.encode())) % 2**63)
+            slots = T.initial_slots(active.cpu(), k, gen).to(idx_dtype)
+            self.seft_values[adapter_name] = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=device))
+            self.seft_indices[adapter_name] = slots.to(device)
+            self.seft_removed[adapter_name] = torch.empty(0, dtype=idx_dtype, device=device)
+            self.seft_age[adapter_name] = torch.full((k,), config.age_cap(), dtype=torch.int32, device=device)
+            self.state_mark_good(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _make_placeholders(self, adapter: str, k: int, removed: int, idx_dtype: torch.dtype,
+                           device: torch.device) -> None:
+        """State of the saved shapes, filled so that validation refuses it: a loader must replace all of it."""
+        self.seft_values[adapter] = nn.Parameter(torch.full((k,), float("nan"), dtype=torch.float32, device=device))
+        self.seft_indices[adapter] = torch.full((k,), -1, dtype=idx_dtype, device=device)
+        self.seft_removed[adapter] = torch.full((removed,), -1, dtype=idx_dtype, device=device)
+        self.seft_age[adapter] = torch.full((k,), -1, dtype=torch.int32, device=device)
+        self._seft_placeholders[adapter] = {name: getattr(self, name)[adapter] for name in ("seft_values", *INT_STATE)}
+        self._seft_good.pop(adapter, None)
+
+    # --- known-good state (see the module docstring: loading by any loader) ----------------
+
+    def _state_mark(self, adapter: str) -> tuple:
+        """What must be unchanged for the state to stay known good: the integer tensor objects.
+
+        Identity, not in-place versions: loaders that bypass `load_state_dict` put new tensors in (transformers'
+        `setattr`), while in-place writes come from code that keeps the state valid (our updates; DDP's buffer
+        broadcast, which rewrites every buffer at every forward with rank 0's identical copy, and would
+        otherwise cost a validation per step). `values` is left out: FSDP2 swaps that Parameter at every
+        forward, and any finite float vector of the right length is a valid delta; a loader that skipped it
+        leaves the placeholder, caught below."""
+        return tuple(getattr(self, name)[adapter] for name in INT_STATE)
+
+    def state_mark_good(self, adapter: str) -> None:
+        """Record the current state as valid (after creation, a topology update or a validated load)."""
+        self._seft_good[adapter] = self._state_mark(adapter)
+        self._seft_placeholders.pop(adapter, None)
+
+    def _state_known_good(self, adapter: str) -> bool:
+        mark = self._seft_good.get(adapter)
+        return mark is not None and all(a is b for a, b in zip(mark, self._state_mark(adapter)))
+
+    def pending_placeholders(self, adapter: str) -> list[str]:
+        """State tensors of `adapter` still holding the placeholders built for a load."""
+        held = self._seft_placeholders.get(adapter, {})
+        return [name for name, t in held.items() if getattr(self, name)[adapter] is t]
+
+    def check_state(self, adapter: str) -> None:
+        """SeftError unless the state of `adapter` was loaded and is valid on this layer's base weight."""
+        if self._state_known_good(adapter):
+            return
+        pending = self.pending_placeholders(adapter)
+        if pending:
+            raise SeftError(
+                f"SEFT adapter {adapter!r} was not loaded into {self._seft_key or 'a layer'}: "
+                f"{', '.join(pending)} still hold(s) the placeholder (the loader skipped or refused them, e.g. a "
+                "size mismatch under ignore_mismatched_sizes, or an adapter saved before removed_sizes was "
+                "recorded); load it with peft.PeftModel.from_pretrained, or for a new adapter from this config "
+                "set removed_sizes=None and inference_mode=False")
+        from .validate import check_layer_state
+
+        meta = self.seft_meta[adapter]
+        indices, removed, age = (getattr(self, name)[adapter] for name in INT_STATE)
+        check_layer_state(self._seft_key or "?", self.topology_weight(), meta.n, meta.k, meta.nm,
+                          S.full(self.seft_values[adapter]).detach(), indices, removed, age)
+        self.state_mark_good(adapter)
 
     def topology_weight(self) -> torch.Tensor:
         """The dense base weight topology decisions read (detached; for a 4-bit base see quant.py).
@@ -228,19 +316,24 @@ class SeftLayer(BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move devices only: values stay fp32 and integer state stays integer."""
         target = device if device is not None else self.get_base_layer().weight.device
+        good = adapter_name in self.seft_indices and self._state_known_good(adapter_name)
         for name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, name)
             if adapter_name in container and container[adapter_name].device != target:
                 container[adapter_name] = container[adapter_name].to(target)
+        if good:  # the same state on another device
+            self.state_mark_good(adapter_name)
 
     def seft_state(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values, indices, removed), repairing integer buffers a foreign cast made float."""
+        """(values, indices, removed), validated unless known good (see `check_state`), repairing integer
+        buffers a foreign cast made float."""
         for name in INT_STATE:
             t = getattr(self, name)[adapter]
             if t.is_floating_point():
                 want = torch.int32 if name == "seft_age" else index_dtype(self.in_features * self.out_features)
                 logger.warning("%s was cast to %s; restoring integer dtype", name, t.dtype)
                 getattr(self, name)[adapter] = t.round().to(want)
+        self.check_state(adapter)
         return self.seft_values[adapter], self.seft_indices[adapter], self.seft_removed[adapter]
 
     def slot_views(self, adapter: str, device: torch.device, with_delta: bool) -> tuple | None:
@@ -357,15 +450,21 @@ def _fit_int_state_before_load(module: SeftLayer, state_dict: dict, prefix: str,
     from .validate import check_layer_state
 
     layer = prefix.rstrip(".").removeprefix("base_model.model.")
+    module._seft_loading.clear()
     for adapter, meta in module.seft_meta.items():
         incoming = {name: state_dict.get(f"{prefix}{name}.{adapter}") for name in ("seft_values", *INT_STATE)}
         if all(t is None for t in incoming.values()):
             continue
+        missing = [name for name in module.pending_placeholders(adapter) if incoming[name] is None]
+        if missing:
+            raise SeftError(f"SEFT adapter {adapter!r} cannot load into {layer}: the adapter file has no "
+                            f"{', '.join(missing)} for it; the adapter file is incomplete")
         current = {"seft_values": module.seft_values[adapter].detach(),
                    **{name: getattr(module, name)[adapter] for name in INT_STATE}}
         state = {name: incoming[name] if incoming[name] is not None else current[name] for name in current}
         check_layer_state(layer, module.topology_weight(), meta.n, meta.k, meta.nm, state["seft_values"],
                           state["seft_indices"], state["seft_removed"], state["seft_age"])
+        module._seft_loading.add(adapter)
     for name in INT_STATE:
         container = getattr(module, name)
         for adapter in list(container.keys()):
@@ -376,4 +475,16 @@ def _fit_int_state_before_load(module: SeftLayer, state_dict: dict, prefix: str,
             incoming = state_dict[key]
             state_dict[key] = incoming.to(current.dtype)
             if incoming.shape != current.shape:
-                container[adapter] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+                container[adapter] = torch.full(incoming.shape, -1, dtype=current.dtype, device=current.device)
+
+
+def _mark_loaded_state_good(module: SeftLayer, incompatible_keys) -> None:
+    """After load_state_dict copied the state the pre-hook validated: record it as known good."""
+    for adapter in module._seft_loading:
+        module.state_mark_good(adapter)
+    module._seft_loading.clear()
+
+
+def describes_saved_state(config) -> bool:
+    """True if a config is for loading saved state (see the module docstring), not for a new adapter."""
+    return getattr(config, "removed_sizes", None) is not None or bool(getattr(config, "inference_mode", False))

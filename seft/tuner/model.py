@@ -56,6 +56,7 @@ it is disabled for those layers with a warning, not an error.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -63,7 +64,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..errors import SeftError
-from ..models import SUPPORTED_MODEL_TYPES, TARGET_MODULES
+from ..models import ALIASES, SUPPORTED_MODEL_TYPES, TARGET_MODULES, unwrap
 from . import shards as S
 from . import topology as T
 from .config import SeftConfig
@@ -71,6 +72,27 @@ from .layer import Linear, SeftLayer
 from .optim import check_optimizer, optimizer_step_count, reseed_moments
 
 logger = logging.getLogger(__name__)
+
+
+def removed_sizes(state_dict: dict, adapter_name: str) -> dict[str, int]:
+    """{layer name as injected (e.g. model.layers.0.self_attn.q_proj): len(seft_removed)} of a state dict."""
+    suffix = f".seft_removed.{adapter_name}"
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(suffix):
+            layer = key[: -len(suffix)].removeprefix("base_model.model.")
+            out[layer] = int(value.numel())
+    return dict(sorted(out.items()))
+
+
+def absolute_base_path(name: str | None) -> str | None:
+    """A base given as a relative local folder, made absolute, so the adapter finds it from any directory.
+
+    A name that is no existing folder (a hub id, an alias) stays as it is; so does a folder that lives
+    in the transformers/hub cache (absolute already), and seft's aliases (seft resolves those first)."""
+    if not name or name in ALIASES or os.path.isabs(name) or not os.path.isdir(name):
+        return name
+    return os.path.abspath(name)
 
 
 class SeftModel(BaseTuner):
@@ -83,13 +105,21 @@ class SeftModel(BaseTuner):
     # --- injection ------------------------------------------------------------
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        config.base_model_name_or_path = absolute_base_path(config.base_model_name_or_path)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except ValueError as exc:
             msg = str(exc)
             if "not found in the base model" in msg or "specify `target_modules`" in msg:
                 linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-                wanted = self.peft_config[adapter_name].target_modules
+                wanted = config.target_modules
+                if wanted is None:  # peft has no default for this model type
+                    model_type = getattr(getattr(model, "config", None), "model_type", None)
+                    raise SeftError(
+                        f"SEFT has no default target_modules for model type {model_type!r} (defaults for: "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}); pass target_modules, e.g. from its linears: "
+                        f"{', '.join(linears)}") from None
                 raise SeftError(
                     f"SEFT target_modules {sorted(wanted) if isinstance(wanted, set) else wanted!r} match no "
                     f"linear layer; valid: {', '.join(linears)}"
@@ -129,7 +159,14 @@ class SeftModel(BaseTuner):
         (the gathers are collectives) and only one write (`is_main_process`; seft.distributed.save_pretrained).
         """
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {key: S.full(value) if S.is_sharded(value) else value for key, value in selected.items()}
+        selected = {key: S.full(value) if S.is_sharded(value) else value for key, value in selected.items()}
+        # the config is saved right after this (peft's and transformers' save_pretrained): the saved file
+        # records the shapes of the state being written, so loaders that size buffers before copying get them
+        # right (layer.py); the live config stays as it was (SeftConfig.save_pretrained)
+        config.record_saved_state(removed_sizes(selected, adapter_name))
+        base = config.base_model_name_or_path or getattr(unwrap(model), "name_or_path", None) or None
+        config.base_model_name_or_path = absolute_base_path(base)
+        return selected
 
     # --- helpers ---------------------------------------------------------------
 
@@ -235,6 +272,7 @@ class SeftModel(BaseTuner):
             S.local(values)[S.local_positions(values, res.replaced_slots)[1]] = 0.0
             age[res.replaced_slots] = 0
             layer.seft_removed[adapter] = res.removed.to(removed.device)
+            layer.state_mark_good(adapter)  # our own edit of a validated state
             if optimizer is not None:
                 seed_m, seed_v = res.seed_g_mean, res.seed_g_sq
                 if cfg.regrow_moments == "zero":
