@@ -120,9 +120,10 @@ def seft_field_names() -> list[str]:
     """SeftConfig's own fields (what a recipe's `adapter:` sets), without PeftConfig's bookkeeping."""
     from peft.config import PeftConfig
 
+    from .seft_options import RECORDS
     from .tuner import SeftConfig
 
-    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)} | set(RECORDS)
     return [f.name for f in dataclasses.fields(SeftConfig) if f.init and f.name not in inherited]
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 CONFIG_SOURCE = Path(__file__).parent / "tuner" / "config.py"
 CLASS_NAME = "SeftConfig"
+# fields that record saved state rather than set anything (written by save_pretrained): no flag, no recipe key
+RECORDS = ("removed_sizes",)
 
 
 @dataclass(frozen=True)
@@ -83,5 +85,5 @@ def _from_class() -> list[OptionField]:
 
 @functools.cache
 def seft_fields() -> tuple[OptionField, ...]:
-    """SeftConfig's own fields, in definition order."""
-    return tuple(_from_source() or _from_class())
+    """SeftConfig's own fields a user sets, in definition order (RECORDS left out)."""
+    return tuple(f for f in (_from_source() or _from_class()) if f.name not in RECORDS)
