@@ -67,7 +67,7 @@ setup(
     extras_require={
         "eval": ["lm-eval[hf]>=0.4.8,<0.5"],
         "quant": ["bitsandbytes>=0.45"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "matplotlib>=3.7", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["seft=seft.cli:main"]},
     classifiers=[

@@ -19,6 +19,8 @@ Where things go, and why:
     merged/                    plain HF checkpoint (--merge; always for the
                                methods whose product only exists merged)
     train_report.json          steps, time, memory, topology per update, sparsity
+    runs/                      TensorBoard event files (train.report_to: tensorboard;
+                               in .OUTPUT.work/runs while training)
   .OUTPUT.work/                Trainer checkpoints while training; `--resume`
                                continues from its newest complete checkpoint
                                (adapter with its topology + optimizer + RNG + data
@@ -31,166 +33,35 @@ saved or merged; a merged model not exactly as sparse as the base is refused.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from .baselines import base_masks
-from .errors import SeftError, choices_hint
+from .errors import SeftError
+from .finetune_config import (  # noqa: F401  (the recipe side, re-exported under seft.finetune)
+    DEFAULT_LR,
+    MERGE_ONLY,
+    METHODS,
+    RECIPE_KEYS,
+    REPORT_NAME,
+    SEFT_METHODS,
+    FinetuneConfig,
+    FinetuneJob,
+    _build,
+    job_from_recipe,
+)
 from .io import atomic_output_dir, check_output, input_paths, write_json
 from .models import decoder_layers, load_model, save_checkpoint, target_linears
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("seft", "seft-norevive", "static", "masked-lora", "lora-reprune", "lora-mask", "full-masked")
-SEFT_METHODS = ("seft", "seft-norevive", "static")
-MERGE_ONLY = ("lora-reprune", "lora-mask", "full-masked")  # their product exists only merged
-DEFAULT_LR = {"full-masked": 5e-5}  # everything else: 2e-3 (adapters train a small delta)
-REPORT_NAME = "train_report.json"
-
-
-@dataclass
-class FinetuneConfig:
-    """The `finetune:` section of a recipe (adapter: = SeftConfig, train: = TrainingArguments)."""
-
-    data: str = "wiki"
-    method: str = "seft"
-    seq_len: int = 256
-    dtype: str | None = None
-    merge: bool = False
-    resume: bool = False
-    eval_data: str | None = "wiki"  # held-out perplexity before/after; null to skip
-    eval_seq_len: int = 256
-    eval_windows: int | None = 32
-    calibration: str = "wiki"  # lora-reprune's Wanda re-prune
-    calibration_samples: int = 32
-    calibration_seq_len: int = 256
-    lora_alpha: float = 16.0  # LoRA baselines' scale (alpha / rank)
-    load_in_4bit: bool = False
-
-    def validate(self) -> FinetuneConfig:
-        if self.method not in METHODS:
-            raise SeftError(f"unknown method {self.method!r}; {choices_hint(self.method, METHODS)}")
-        for name in ("seq_len", "eval_seq_len", "calibration_samples", "calibration_seq_len"):
-            if int(getattr(self, name)) < 2:
-                raise SeftError(f"{name} must be at least 2, got {getattr(self, name)}")
-        if self.eval_windows is not None and int(self.eval_windows) < 1:
-            raise SeftError(f"eval_windows must be >= 1 or null (all), got {self.eval_windows}")
-        if self.load_in_4bit and self.method not in SEFT_METHODS:
-            raise SeftError(f"load_in_4bit supports the methods {', '.join(SEFT_METHODS)}, not {self.method}")
-        return self
-
-    def check_sources(self) -> None:
-        """Every text source names something: checked before the model loads (and not in
-        `validate`, so a recipe can be validated on a machine that lacks the data)."""
-        from .data import check_source
-
-        for source in (self.data, self.eval_data, self.calibration if self.method == "lora-reprune" else None):
-            if source:
-                check_source(source)
-
-
-@dataclass
-class FinetuneJob:
-    model: str
-    output: str
-    config: FinetuneConfig
-    adapter: dict[str, Any]  # SeftConfig keyword arguments
-    train: dict[str, Any]  # TrainingArguments keyword arguments
-    overwrite: bool = False
-
-    def as_recipe(self) -> dict:
-        return {"model": self.model, "output": self.output, "overwrite": self.overwrite,
-                "finetune": dataclasses.asdict(self.config), "adapter": self.resolved_adapter(),
-                "train": self.training_overrides()}
-
-    def resolved_adapter(self) -> dict[str, Any]:
-        """The SeftConfig fields a recipe can set, with defaults filled in."""
-        cfg = self.seft_config()
-        out = {name: getattr(cfg, name) for name in _SEFT_FIELDS}
-        if isinstance(out["target_modules"], set):
-            out["target_modules"] = sorted(out["target_modules"])
-        return out
-
-    def seft_config(self):
-        from .tuner import SeftConfig
-
-        kwargs = dict(self.adapter)
-        if self.config.method == "seft-norevive":
-            kwargs["revive_fraction"] = 0.0
-        elif self.config.method == "static":
-            kwargs["evolve_until"] = 0.0
-        return _build(SeftConfig, kwargs, "adapter")
-
-    def rank(self) -> int:
-        """The trainable-parameter budget as a LoRA rank (shared by every method)."""
-        if self.adapter.get("density") is not None and self.config.method not in SEFT_METHODS:
-            raise SeftError(f"method {self.config.method} needs the budget as adapter.lora_rank, not density")
-        return int(self.adapter.get("lora_rank") or 8)
-
-    def training_overrides(self) -> dict[str, Any]:
-        """Our defaults, then the recipe's `train:` on top."""
-        lr = DEFAULT_LR.get(self.config.method, 2e-3)
-        defaults = dict(
-            max_steps=100, per_device_train_batch_size=4, learning_rate=lr, lr_scheduler_type="cosine",
-            warmup_steps=5, logging_steps=10, save_strategy="steps", save_steps=50, save_total_limit=2,
-            report_to="none", seed=0, data_seed=0, dataloader_num_workers=0, dataloader_pin_memory=False,
-            weight_decay=0.0,
-            logging_nan_inf_filter=False,  # a NaN loss must show (and stop the run), not be averaged away
-        )
-        return defaults | dict(self.train)
-
-
-_SEFT_FIELDS = ("lora_rank", "density", "update_interval", "stat_window", "initial_replace_fraction", "schedule",
-                "evolve_until", "revive_fraction", "sensitivity", "regrow_warmup", "seed", "target_modules")
-
-
-def _build(cls, kwargs: dict, section: str):
-    from .recipe import build_dataclass
-
-    return build_dataclass(cls, kwargs, section)
-
-
-RECIPE_KEYS = ["model", "output", "overwrite", "finetune", "adapter", "train"]
-
-
-def job_from_recipe(recipe: dict) -> FinetuneJob:
-    """Validate a finetune recipe into a FinetuneJob (unknown keys anywhere are errors)."""
-    from .recipe import build_dataclass, check_keys, top_level_bool
-
-    check_keys(recipe, RECIPE_KEYS, "top level")
-    for key in ("model", "output"):
-        if recipe.get(key) in (None, ""):
-            raise SeftError(f"finetune recipe needs a '{key}' entry; top-level keys: {', '.join(RECIPE_KEYS)}")
-    config = build_dataclass(FinetuneConfig, recipe.get("finetune"), "finetune").validate()
-    for section in ("adapter", "train"):
-        if not isinstance(recipe.get(section) or {}, dict):
-            raise SeftError(f"section '{section}' must be a mapping of key: value, got {recipe[section]!r}")
-    job = FinetuneJob(str(recipe["model"]), str(recipe["output"]), config, dict(recipe.get("adapter") or {}),
-                      dict(recipe.get("train") or {}), top_level_bool(recipe, "overwrite"))
-    job.seft_config()  # strict check of adapter:
-    job.train = _check_train_keys(job.train)  # keys and types only: TrainingArguments checks the hardware
-    return job
-
-
-def _check_train_keys(train: dict) -> dict:
-    """`train` with its keys and value types checked (an integral float made an int, as for every section)."""
-    from transformers import TrainingArguments
-
-    from .recipe import check_keys, check_types
-
-    check_keys(train, [f.name for f in dataclasses.fields(TrainingArguments) if f.init], "train")
-    return check_types(TrainingArguments, train, "train")
 
 
 # --- Trainer wiring -------------------------------------------------------------------
@@ -377,6 +248,9 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
     args = training_arguments(job, work)
     if not progress:
         args.disable_tqdm = True
+    from .launch_check import warn_if_single_process
+
+    warn_if_single_process(args.world_size)  # every method, before the model loads (SeftCallback: once more, muted)
 
     def kept() -> str:
         return f"; nothing was written to {output}" + (
@@ -440,8 +314,25 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
             "recipe": job.as_recipe(), "log_history": trainer.state.log_history,
         }
         write_json(Path(tmp) / REPORT_NAME, report)
+        _keep_tensorboard_logs(work, Path(tmp), output)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+TENSORBOARD_DIR = "runs"
+
+
+def _keep_tensorboard_logs(work: Path, output: Path, final: Path) -> None:
+    """Copy the TensorBoard event files (`train.report_to: tensorboard`) from the work folder into OUTPUT/runs.
+
+    The Trainer writes them under its output_dir, which is the work folder removed after a successful run;
+    copied (not moved) so a failure before the final rename still leaves them, with the checkpoints, in the
+    work folder. A TENSORBOARD_LOGGING_DIR outside the work folder is the user's and is left alone.
+    """
+    runs = work / TENSORBOARD_DIR
+    if runs.is_dir() and any(runs.rglob("events.out.tfevents.*")):
+        shutil.copytree(runs, output / TENSORBOARD_DIR, dirs_exist_ok=True)
+        logger.info("TensorBoard event files kept in %s", Path(final) / TENSORBOARD_DIR)
 
 
 def _summary(per_layer: dict[str, float] | None) -> dict | None:

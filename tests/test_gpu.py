@@ -83,7 +83,7 @@ def test_short_seft_run_on_cuda():
         lora_rank=2, update_interval=3, stat_window=2, evolve_until=1.0, revive_fraction=0.5, regrow_warmup=2))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, fused=True)
     stats = _cuda_train(pm, opt, 9)
-    assert len(stats) == 3 and stats[0]["seft/replaced"] > 0
+    assert len(stats) == 2 and stats[0]["seft/replaced"] > 0  # after steps 3 and 6 (9 = T: no update)
     report = pm.seft_sparsity_report()
     assert report["active"] == report["n"]
 

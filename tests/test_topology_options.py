@@ -75,7 +75,7 @@ def test_reselect_moves_slots_to_the_window_top_and_keeps_the_rest():
 
 def test_reselect_reported_and_regular_updates_follow():
     pm, opt = _model(init="reselect", stat_window=2, update_interval=4, evolve_until=1.0)
-    stats = _steps(pm, opt, range(1, 9), total=8)
+    stats = _steps(pm, opt, range(1, 10), total=9)
     assert sorted(stats) == [2, 4, 8]
     assert stats[2]["seft/reselect"] == 1.0 and stats[4]["seft/reselect"] == 0.0
     assert stats[2]["seft/replaced"] > stats[4]["seft/replaced"]

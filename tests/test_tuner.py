@@ -112,7 +112,7 @@ def _trained(kind="llama", opt="adam", steps=9, accum=1, nm=None, extra_zeros=0,
 
 def test_topology_evolves_and_keeps_budget():
     _, pm, _, stats = _trained(accum=2)
-    assert len(stats) == 3
+    assert len(stats) == 2  # after steps 3 and 6; step 9 = T has a replace fraction of 0: no update
     assert sum(s["seft/replaced"] for s in stats) > 0
     assert sum(s["seft/revived"] for s in stats) > 0
     assert sum(s["seft/repruned"] for s in stats) > 0
@@ -314,7 +314,7 @@ def test_unsupported_optimizer(make):
     pm = _adapt(prune_tiny(build_tiny_model()), **_evolving())
     optimizer = make([p for p in pm.parameters() if p.requires_grad])
     with pytest.raises(SeftError, match="cannot re-seed"):
-        train_loop(pm, optimizer, 3, TINY_VOCAB)
+        train_loop(pm, optimizer, 4, TINY_VOCAB)  # the update after step 3 (< T = 4) needs the moments
 
 
 def _slots_on_channel0(growth: str) -> tuple[int, int]:

@@ -43,10 +43,10 @@ def test_callback_drives_trainer_with_accumulation(tmp_path):
     pm = peft.get_peft_model(model, seft.SeftConfig(lora_rank=2, update_interval=3, stat_window=2,
                                                     evolve_until=1.0, revive_fraction=0.5))
     blocks = torch.randint(3, TINY_VOCAB, (64, 24), generator=torch.Generator().manual_seed(0))
-    trainer, callback = _trainer(pm, blocks, tmp_path, steps=6, bsz=4, accum=2)
+    trainer, callback = _trainer(pm, blocks, tmp_path, steps=7, bsz=4, accum=2)
     trainer.train()
     assert [h["step"] for h in callback.history] == [3, 6]
-    assert callback.history[0]["seft/replaced"] > 0  # at step 6 = T the cosine schedule reaches 0
+    assert callback.history[0]["seft/replaced"] > 0
     logged = [h for h in trainer.state.log_history if "seft/replaced" in h]
     assert [h["step"] for h in logged] == [3, 6]
     report = pm.seft_sparsity_report()

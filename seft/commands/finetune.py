@@ -3,6 +3,9 @@
 Two ways to call it:
   seft finetune --model out/wanda50 --data wiki --output out/wanda50-seft --max-steps 100 --merge
   seft finetune recipes/smollm2_wanda50_seft.yaml [train.max_steps=40 finetune.merge=true ...]
+KEY=VALUE overrides work without a recipe too, and every SEFT setting has a
+flag (the "SEFT adapter" options below, one per SeftConfig field):
+  seft finetune --model out/wanda50 --output out/x --update-interval 10 --stat-window 2 train.warmup_steps=0
 
 --data: wiki, news, pydoc, a .txt file (packed blocks), a prompt/response
 .jsonl (instruction tuning, loss on the response only), or hf:DATASET.
@@ -21,7 +24,8 @@ import argparse
 import json
 
 from ..errors import SeftError
-from ..finetune import METHODS, FinetuneConfig, FinetuneJob, job_from_recipe
+from ..finetune_config import METHODS, FinetuneConfig, FinetuneJob, job_from_recipe
+from ..seft_options import OptionField, seft_fields
 
 NAME = "finetune"
 HELP = "repair a pruned model with SEFT (or a baseline), keeping it sparse"
@@ -41,8 +45,9 @@ FLAGS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", help="a finetune recipe (YAML); then only KEY=VALUE overrides may follow")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.max_steps=40")
+    p.add_argument("recipe", nargs="?", help="a finetune recipe (YAML), optional")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the recipe (or of the flags' defaults), e.g. train.max_steps=40")
     p.add_argument("--model", help="the pruned model: a folder from `seft prune`, an alias or a hub id")
     p.add_argument("--output", help="output folder (adapter, merged/, train_report.json)")
     p.add_argument("--data", help=f"training text source (default: {D.data})")
@@ -66,22 +71,84 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_seft_arguments(p)
+
+
+# SeftConfig fields whose flag exists above under a finetune-wide name, or would clash with one
+_SEFT_FLAG_NAMES = {"lora_rank": None, "seed": "slot-seed"}
+
+
+def _seft_flag(field: OptionField) -> str | None:
+    name = _SEFT_FLAG_NAMES.get(field.name, field.name.replace("_", "-"))
+    return None if name is None else f"--{name}"
+
+
+def _converter(field: OptionField):
+    """argparse `type` for one SeftConfig field: its kind, 'none' for an optional one, lists comma-separated."""
+    def convert(text: str):
+        if field.optional and text.strip().lower() in ("none", "null"):
+            return None
+        if field.kind == "list":
+            return [t.strip() for t in text.split(",") if t.strip()]
+        if field.kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+            return text.lower() in ("true", "1", "yes")
+        return {"int": int, "float": float}.get(field.kind, str)(text)
+
+    convert.__name__ = field.kind  # argparse names the type in its error message
+    return convert
+
+
+def add_seft_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per SeftConfig field (read from the dataclass: seft/seft_options.py), into `adapter:`."""
+    group = p.add_argument_group("SEFT adapter (the recipe's adapter: section; SEFT methods)")
+    for field in seft_fields():
+        flag = _seft_flag(field)
+        if flag is None:
+            continue
+        default = ",".join(field.default) if isinstance(field.default, list) else field.default
+        metavar = {"list": "A,B", "int": "N", "float": "X"}.get(field.kind, "VALUE")
+        group.add_argument(flag, dest=f"seft_{field.name}", type=_converter(field), metavar=metavar,
+                           help=f"{field.help} (default: {default})".replace("%", "%%"))
+
+
+def _seft_given(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f"seft_{f.name}") for f in seft_fields()
+            if getattr(args, f"seft_{f.name}", None) is not None}
+
+
+def _is_override(text: str | None) -> bool:
+    """A KEY=VALUE in the recipe's place (no recipe file given)."""
+    from pathlib import Path
+
+    return bool(text) and "=" in text and not text.endswith((".yaml", ".yml")) and not Path(text).is_file()
 
 
 def job_from_args(args: argparse.Namespace) -> FinetuneJob:
-    given = {flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None}
-    if args.recipe is not None:
-        from ..recipe import load_recipe
+    """Recipe file (optional) -> KEY=VALUE overrides -> flags, each on top of the one before."""
+    from ..recipe import apply_override, load_recipe
 
-        recipe = load_recipe(args.recipe, list(args.overrides))
-        if args.model or args.output:
-            recipe.update({k: getattr(args, k) for k in ("model", "output") if getattr(args, k)})
+    given = {flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None}
+    overrides = list(args.overrides)
+    recipe_file = args.recipe
+    if _is_override(recipe_file):
+        overrides.insert(0, recipe_file)
+        recipe_file = None
+    if recipe_file is not None:
+        recipe = load_recipe(recipe_file, overrides)
     else:
-        if args.overrides:
-            raise SeftError(f"overrides {args.overrides} need a recipe file first: seft finetune RECIPE.yaml KEY=VALUE")
-        if not args.model or not args.output:
-            raise SeftError("give --model and --output (or a recipe file)")
-        recipe = {"model": args.model, "output": args.output}
+        recipe = {}
+        for text in overrides:
+            apply_override(recipe, text)
+    recipe.update({k: getattr(args, k) for k in ("model", "output") if getattr(args, k)})
+    if recipe_file is None and (not recipe.get("model") or not recipe.get("output")):
+        raise SeftError("give --model and --output (or model=... output=..., or a recipe file)")
+    adapter = _seft_given(args)
+    if adapter:
+        if not isinstance(recipe.get("adapter") or {}, dict):
+            raise SeftError(f"section 'adapter' must be a mapping of key: value, got {recipe['adapter']!r}")
+        recipe["adapter"] = {**(recipe.get("adapter") or {}), **adapter}
     for flag, value in given.items():
         section, key = FLAGS[flag]
         if flag == "eval_data" and str(value).lower() == "none":
@@ -98,10 +165,11 @@ def job_from_args(args: argparse.Namespace) -> FinetuneJob:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    job = job_from_args(args)  # before the heavy imports: a bad command line fails in a blink
+
     from ..checkpoints import checkpoints
     from ..finetune import ppl_table, run_finetune, work_dir_for
 
-    job = job_from_args(args)
     try:
         report = run_finetune(job, progress=not args.no_progress)
     except KeyboardInterrupt:  # the work folder is left on purpose: say so, and how to continue

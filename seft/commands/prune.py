@@ -16,15 +16,19 @@ An existing output is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, fields
+from types import SimpleNamespace
 
 from ..errors import SeftError
-from ..models import DEFAULT_MODEL
 from ..prune.config import METHODS, PruneConfig, PruneJob, job_from_recipe
 
 NAME = "prune"
 HELP = "prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M)"
 
-D = PruneConfig()
+# the defaults, read off the dataclass without instantiating it (its `targets` default imports seft.models)
+D = SimpleNamespace(**{f.name: f.default for f in fields(PruneConfig) if f.default is not MISSING})
+# seft.models.DEFAULT_MODEL, named here for the help text without importing torch (tests/test_cli_fast.py checks)
+HELP_DEFAULT_MODEL = "smollm2-135m"
 # flag -> PruneConfig field, for the flags that a recipe run must not mix with
 CONFIG_FLAGS = {
     "method": "method", "sparsity": "sparsity", "pattern": "pattern", "calibration": "calibration",
@@ -36,7 +40,7 @@ CONFIG_FLAGS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="a prune recipe (YAML); then only KEY=VALUE overrides may follow")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. prune.sparsity=0.6")
-    p.add_argument("--model", help=f"model folder, alias or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"model folder, alias or hub id (default: {HELP_DEFAULT_MODEL})")
     p.add_argument("--method", choices=METHODS, help="pruning method (required without a recipe)")
     p.add_argument("--sparsity", type=float,
                    help="fraction of weights zeroed per target linear, in [0, 1); implied by --pattern N:M")
@@ -73,6 +77,8 @@ def job_from_args(args: argparse.Namespace) -> PruneJob:
     if args.method is None or args.output is None:
         raise SeftError("give --method and --output (or a recipe file); "
                         f"methods: {', '.join(METHODS)}")
+    from ..models import DEFAULT_MODEL
+
     config = PruneConfig(**given).validate()
     return PruneJob(args.model or DEFAULT_MODEL, args.output, config, args.overwrite)
 

@@ -24,7 +24,7 @@ def _resolve_prune(recipe: dict) -> dict:
 
 
 def _resolve_finetune(recipe: dict) -> dict:
-    from ..finetune import job_from_recipe
+    from ..finetune_config import job_from_recipe
 
     return job_from_recipe(recipe).as_recipe()
 

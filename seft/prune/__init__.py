@@ -10,16 +10,25 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from ..io import atomic_output_dir, check_output, input_paths, write_json
 from .config import METHODS, PruneConfig
-from .engine import prune_model
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "sparsity_report.json"
 
 __all__ = ["METHODS", "REPORT_NAME", "PruneConfig", "prune_checkpoint", "prune_model"]
+
+
+def __getattr__(name: str) -> Any:
+    """`prune_model` (the engine, torch) loads on first use: the CLI reads this package for its help."""
+    if name == "prune_model":
+        from .engine import prune_model
+
+        return prune_model
+    raise AttributeError(f"module 'seft.prune' has no attribute {name!r}")
 
 
 def prune_checkpoint(
@@ -42,6 +51,7 @@ def prune_checkpoint(
         local_model_folder,
         save_checkpoint,
     )
+    from .engine import prune_model
 
     config.validate()
     inputs = input_paths(local_model_folder(model_name), config.calibration if config.needs_data else None)

@@ -1,15 +1,27 @@
-"""`PruneConfig`: every knob of a pruning run, validated before any work starts."""
+"""`PruneConfig`: every knob of a pruning run, validated before any work starts.
+
+Imports nothing heavy at module level (torch and seft.models load inside the
+checks), so `seft prune --help` and recipe parsing start in a blink.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import SeftError, choices_hint
-from ..models import TARGET_MODULES, parse_dtype
-from ..sparsity import Pattern, check_sparsity, format_pattern, parse_pattern
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..sparsity import Pattern
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def _target_modules() -> list[str]:
+    from ..models import TARGET_MODULES
+
+    return list(TARGET_MODULES)
 DATA_FREE = ("magnitude",)
 
 
@@ -34,12 +46,15 @@ class PruneConfig:
     device: str = "cpu"
     dtype: str | None = None
     batch_size: int = 8
-    targets: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    targets: list[str] = field(default_factory=lambda: _target_modules())
     blocksize: int = 128
     percdamp: float = 0.01
 
     def validate(self) -> PruneConfig:
         """Check every field (raising SeftError) and normalise sparsity/pattern; returns self."""
+        from ..models import TARGET_MODULES, parse_dtype
+        from ..sparsity import check_sparsity, format_pattern, parse_pattern
+
         if self.method not in METHODS:
             raise SeftError(f"unknown pruning method {self.method!r}; {choices_hint(self.method, METHODS)}")
         nm = parse_pattern(self.pattern)
@@ -70,6 +85,8 @@ class PruneConfig:
         return self
 
     def check_device(self) -> torch.device:
+        import torch
+
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -80,6 +97,8 @@ class PruneConfig:
 
     @property
     def nm(self) -> Pattern:
+        from ..sparsity import parse_pattern
+
         return parse_pattern(self.pattern)
 
     @property

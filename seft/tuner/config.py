@@ -70,7 +70,7 @@ class SeftConfig(PeftConfig):
     stat_window: int = field(default=4, metadata={"help": "Optimizer steps of gradient statistics per update."})
     initial_replace_fraction: float = field(default=0.3, metadata={"help": "p0 of the replace schedule."})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear decay of the replace fraction."})
-    evolve_until: float = field(default=0.75, metadata={"help": "Evolve while step <= evolve_until * total."})
+    evolve_until: float = field(default=0.75, metadata={"help": "Topology updates only before step evolve_until * total_steps."})
     revive_fraction: float = field(default=0.1, metadata={"help": "Max share of grown slots at pruned positions."})
     sensitivity: str = field(default="taylor", metadata={"help": "taylor (|w g|) | magnitude (|w|) re-prune score."})
     growth: str = field(default="gradient", metadata={

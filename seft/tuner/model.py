@@ -47,9 +47,10 @@ Resume: the whole topology lives in the adapter state dict (values,
 indices, removed, slot ages); `n` and the N:M pattern derive from the frozen
 base; the schedule is a function of the step. Trainer's checkpoint holds
 the adapter (save_pretrained) and the optimizer state (keyed by the same
-`values` Parameter, whose size k never changes), so `resume_from_checkpoint`
-restores everything except an in-flight statistics window, which simply
-restarts shorter. A dense (unpruned) base leaves revival nothing to revive:
+`values` Parameter, whose size k never changes), and SeftCallback adds an
+in-flight statistics window (window_state.py), so `resume_from_checkpoint`
+restores everything (a custom loop saves the window with
+`window_state.save_window`; without it the window restarts shorter). A dense (unpruned) base leaves revival nothing to revive:
 it is disabled for those layers with a warning, not an error.
 """
 from __future__ import annotations

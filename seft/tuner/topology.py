@@ -49,8 +49,12 @@ def evolve_horizon(total_steps: int, evolve_until: float) -> float:
 
 def is_update_step(step: int, total_steps: int, update_interval: int, evolve_until: float) -> bool:
     """Topology updates happen after optimizer step `step` (1-based) when it is a
-    multiple of `update_interval` and `step <= evolve_until * total_steps`."""
-    return step > 0 and step % update_interval == 0 and step <= evolve_horizon(total_steps, evolve_until)
+    multiple of `update_interval` and `step < evolve_until * total_steps`.
+
+    Strictly before T: both schedules reach a replace fraction of exactly 0 at
+    T, so an update there would change nothing (and was logged as an update,
+    after a statistics window spent for nothing)."""
+    return step > 0 and step % update_interval == 0 and step < evolve_horizon(total_steps, evolve_until)
 
 
 def next_update_step(step: int, total_steps: int, update_interval: int, evolve_until: float) -> int | None:
