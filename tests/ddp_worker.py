@@ -33,7 +33,7 @@ def global_batches(steps: int, global_batch: int, seq_len: int, vocab: int) -> t
     return torch.randint(3, vocab, (steps, global_batch, seq_len), generator=gen)
 
 
-def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12, growth: str = "gradient") -> None:
+def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 13, growth: str = "gradient") -> None:
     import peft
 
     import seft

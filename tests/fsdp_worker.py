@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 CONFIG = dict(lora_rank=2, update_interval=3, stat_window=2, revive_fraction=0.5, regrow_warmup=2)
 
 
-def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 12, kernel: str = "auto") -> None:
+def train(rank: int, world_size: int, out_dir: str, port: int, steps: int = 13, kernel: str = "auto") -> None:
     import peft
     from ddp_worker import global_batches, make_model
 

@@ -22,8 +22,8 @@ from ranks import free_port, run_ranks  # noqa: E402
 @pytest.mark.parametrize("growth", ["gradient", "normalized"])
 def test_ddp_two_ranks_identical_topology(tmp_path, growth):
     """`normalized` also all-reduces the per-channel activation statistics."""
-    run_ranks(ddp_worker.train, (2, str(tmp_path), free_port(), 12, growth))
-    ddp_worker.train(0, 1, str(tmp_path), 0, 12, growth)
+    run_ranks(ddp_worker.train, (2, str(tmp_path), free_port(), 13, growth))
+    ddp_worker.train(0, 1, str(tmp_path), 0, 13, growth)
     r0 = torch.load(tmp_path / "rank0_of2.pt")
     r1 = torch.load(tmp_path / "rank1_of2.pt")
     single = torch.load(tmp_path / "rank0_of1.pt")

@@ -30,6 +30,7 @@ import torch
 from conftest import build_tiny_model
 from safetensors.torch import load_file
 from test_tuner_helpers import prune_tiny
+from transformers import TrainerState
 
 import seft
 from seft import distributed as D
@@ -148,8 +149,8 @@ def test_fsdp_with_a_4bit_base_is_refused(no_accelerate_env):
 def test_fsdp2_and_ddp_setups_pass(no_accelerate_env, caplog):
     assert not check_fsdp_setup(SimpleNamespace(fsdp=[]), _pm())
     with caplog.at_level("WARNING", logger="seft.tuner.callback"):  # FSDP asked for, model not sharded
-        seft.SeftCallback().on_train_begin(SimpleNamespace(fsdp=True, fsdp_config={"version": 2}), None, None,
-                                           model=_pm())
+        seft.SeftCallback().on_train_begin(SimpleNamespace(fsdp=True, fsdp_config={"version": 2}, world_size=1),
+                                           TrainerState(), None, model=_pm())
     assert "runs a CPU job as DDP" in caplog.text
     seft.SeftCallback().on_init_end(SimpleNamespace(fsdp=True, fsdp_config={"version": 2}), None, None, model=_pm())
     no_accelerate_env.setenv("ACCELERATE_USE_FSDP", "true")
