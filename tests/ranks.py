@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch.multiprocessing as mp
 
