@@ -5,9 +5,12 @@ Two ways to call it:
   seft finetune recipes/smollm2_wanda50_seft.yaml [train.max_steps=40 finetune.merge=true ...]
 
 --data: wiki, news, pydoc, a .txt file (packed blocks), a prompt/response
-.jsonl (instruction tuning, loss on the response only), or hf:DATASET.
+.jsonl (instruction tuning in the chat template, loss on the response only), a
+prompt/completion .jsonl (plain text, loss on the completion only, tokenized as
+lm-eval scores it: e.g. eval/specialist/train_mix.jsonl), or hf:DATASET.
 --method: seft (default), seft-norevive, static, masked-lora, lora-reprune,
-lora-mask, full-masked — all at the budget of a LoRA of rank --lora-rank.
+lora-mask, full-masked — all at the budget of a LoRA of rank --lora-rank — and
+lora, plain dense LoRA for a dense model (no sparsity promise, not checked).
 
 Output: OUTPUT/adapter_model.safetensors (+ adapter_config.json),
 OUTPUT/merged/ with --merge (a plain sparse HF checkpoint), and
