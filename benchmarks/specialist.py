@@ -285,8 +285,14 @@ def plan(args, rows: list[dict]) -> list[dict]:
 
 def cmd_run(args) -> None:
     """Plan, prune what the plan needs (one subprocess per setting), then launch the runs."""
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     specs = plan(args, load_rows(args.rows))
     print(f"{len(specs)} run(s) to do", flush=True)
+    if args.dry_run:
+        for s in specs:
+            print(f"  {s['kind']:5} {s['setting']:8} {s['method']:12} lr {s['lr']} seed {s['seed']} val {s['val']}")
+        return
     work = args.work.resolve()
     for setting in dict.fromkeys(s["setting"] for s in specs):
         if SETTINGS[setting] is not None and not (Path(model_for(setting, args.calib, work)) / "config.json").exists():
@@ -331,6 +337,7 @@ def main() -> None:
     run.add_argument("--eval-batch", type=int, default=8)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--jobs", type=int, default=1)
+    run.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
     run.add_argument("--rows", type=Path, default=ROWS, help="the results file (JSON lines) to append to")
     run.add_argument("--work", type=Path, default=WORK, help="pruned models, run folders, logs, pid files")
     pr = sub.add_parser("prune", help=argparse.SUPPRESS)
