@@ -6,8 +6,10 @@ A *source* is one of:
     `lee_background.cor`, 300 Australian news articles), `pydoc` (the
     Python stdlib's help topics);
   - a local `.txt` file (documents separated by blank lines) or `.jsonl` file
-    (one document per line, field `text`, or `prompt`/`response` for
-    instruction data);
+    (one document per line, field `text`; or `prompt`/`response` for
+    instruction data, trained in the tokenizer's chat template; or
+    `prompt`/`completion` for plain continuations, trained exactly as
+    lm-eval scores a multiple-choice answer);
   - `hf:NAME[:CONFIG]` — a Hugging Face dataset with a `text` column, for users
     who have the hub.
 
@@ -137,10 +139,12 @@ def _local_documents(path: Path) -> list[str]:
         rows = _read_jsonl(path)
         if rows and all("text" in r for r in rows):
             return [str(r["text"]) for r in rows]
-        if rows and all("prompt" in r and "response" in r for r in rows):
-            return [f"{r['prompt']}\n{r['response']}" for r in rows]
+        if rows and all("prompt" in r and ("response" in r or "completion" in r) for r in rows):
+            return [f"{r['prompt']}\n{r['response']}" if "response" in r else f"{r['prompt']}{r['completion']}"
+                    for r in rows]
         keys = sorted(set().union(*(r.keys() for r in rows))) if rows else []
-        raise SeftError(f"{path}: each line needs a 'text' field (or 'prompt' and 'response'); found keys {keys}")
+        raise SeftError(f"{path}: each line needs a 'text' field (or 'prompt' and 'response' or 'completion'); "
+                        f"found keys {keys}")
     raise SeftError(f"{path}: unsupported file type {path.suffix!r}; valid: .txt, .jsonl")
 
 
@@ -259,7 +263,7 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 def is_instruction_source(source: str) -> bool:
-    """A .jsonl whose rows carry `prompt` and `response` (checked on the first row)."""
+    """A .jsonl whose rows carry `prompt` and `response` or `completion` (checked on the first row)."""
     path = Path(source).expanduser()
     if path.suffix != ".jsonl" or not path.exists():
         return False
@@ -269,7 +273,7 @@ def is_instruction_source(source: str) -> bool:
         row = json.loads(first)
     except json.JSONDecodeError:
         return False
-    return isinstance(row, dict) and "prompt" in row and "response" in row
+    return isinstance(row, dict) and "prompt" in row and ("response" in row or "completion" in row)
 
 
 def encode_instruction(tokenizer, prompt: str, response: str, seq_len: int) -> dict[str, list[int]]:
@@ -304,21 +308,48 @@ def encode_instruction(tokenizer, prompt: str, response: str, seq_len: int) -> d
     return {"input_ids": full_ids[:seq_len], "labels": labels[:seq_len]}
 
 
+def encode_completion(tokenizer, prompt: str, completion: str, seq_len: int) -> dict[str, list[int]]:
+    """Token ids and labels for a plain prompt + completion; the loss sees the completion only.
+
+    Tokenized the way lm-eval's `loglikelihood` splits a (context, continuation)
+    pair -- trailing spaces of the prompt move to the completion, the whole text
+    is encoded with the tokenizer's default special tokens, and the first
+    len(encode(prompt)) tokens are the context -- so the tokens trained on are
+    the tokens a multiple-choice task scores. No chat template and no EOS (lm-eval
+    scores neither). Too long: the leftmost tokens are cut, as lm-eval does.
+    """
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    if n_spaces:
+        prompt, completion = prompt[:-n_spaces], prompt[-n_spaces:] + completion
+    full_ids = list(tokenizer(prompt + completion)["input_ids"])
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    labels = [-100] * n_prompt + full_ids[n_prompt:]
+    return {"input_ids": full_ids[-seq_len:], "labels": labels[-seq_len:]}
+
+
 class InstructionDataset(torch.utils.data.Dataset):
-    """Prompt/response pairs from a JSONL file; examples with no response token left are dropped."""
+    """Prompt/response or prompt/completion pairs from a JSONL file, loss on the answer only.
+
+    A row with `response` is an instruction turn (`encode_instruction`: the chat
+    template when the tokenizer has one); a row with `completion` is a plain
+    continuation (`encode_completion`: exactly what lm-eval scores). Examples with
+    no answer token left within seq_len are dropped.
+    """
 
     def __init__(self, tokenizer, source: str, seq_len: int, split: str = "train"):
         rows = _read_jsonl(Path(source).expanduser())
-        bad = [i for i, r in enumerate(rows, 1) if "prompt" not in r or "response" not in r]
+        bad = [i for i, r in enumerate(rows, 1)
+               if not isinstance(r, dict) or "prompt" not in r or ("response" in r) == ("completion" in r)]
         if bad:
-            raise SeftError(f"{source}: line {bad[0]} lacks 'prompt' or 'response'")
+            raise SeftError(f"{source}: line {bad[0]} needs 'prompt' and exactly one of 'response', 'completion'")
         if split != "all":
             held = {i for i in range(len(rows)) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1}
             rows = [r for i, r in enumerate(rows) if (i in held) == (split == "heldout")]
-        encoded = [encode_instruction(tokenizer, str(r["prompt"]), str(r["response"]), seq_len) for r in rows]
+        encoded = [encode_instruction(tokenizer, str(r["prompt"]), str(r["response"]), seq_len) if "response" in r
+                   else encode_completion(tokenizer, str(r["prompt"]), str(r["completion"]), seq_len) for r in rows]
         self.examples = [e for e in encoded if any(t != -100 for t in e["labels"])]
         if not self.examples:
-            raise SeftError(f"{source}: no example keeps a response token within seq_len={seq_len}")
+            raise SeftError(f"{source}: no example keeps a response/completion token within seq_len={seq_len}")
 
     def __len__(self) -> int:
         return len(self.examples)

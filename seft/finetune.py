@@ -12,6 +12,9 @@ Methods (same data, steps and trainable-parameter budget `adapter.lora_rank`):
   lora-reprune   dense LoRA, merged, re-pruned by Wanda to the base sparsity (LoRA*)
   lora-mask      dense LoRA, merged, original mask re-applied
   full-masked    every target weight trained, mask re-applied after each step
+  lora           plain dense LoRA (peft), no mask: for a dense model (the dense +
+                 LoRA ceiling of a benchmark); makes no sparsity promise, so its
+                 merge is not checked against the base's sparsity
 
 Where things go, and why:
   OUTPUT/                      written atomically at the end (temp folder + rename)
@@ -29,7 +32,8 @@ Where things go, and why:
 
 Invariants that fail the run instead of writing a wrong output (train_guards.py):
 a non-finite loss or trained value stops training; non-finite state is never
-saved or merged; a merged model not exactly as sparse as the base is refused.
+saved or merged; a merged model not exactly as sparse as the base is refused
+(every method but `lora`, which is dense by design).
 """
 from __future__ import annotations
 
@@ -48,11 +52,13 @@ from .baselines import base_masks
 from .errors import SeftError
 from .finetune_config import (  # noqa: F401  (the recipe side, re-exported under seft.finetune)
     DEFAULT_LR,
+    DENSE_METHODS,
     MERGE_ONLY,
     METHODS,
     RECIPE_KEYS,
     REPORT_NAME,
     SEFT_METHODS,
+    SPARSE_METHODS,
     FinetuneConfig,
     FinetuneJob,
     _build,
@@ -108,7 +114,7 @@ def prepare(job: FinetuneJob, model: nn.Module) -> tuple[nn.Module, list]:
         from .baselines import apply_masked_lora
 
         return apply_masked_lora(model, job.rank(), job.config.lora_alpha), []
-    if method in ("lora-reprune", "lora-mask"):
+    if method in ("lora-reprune", "lora-mask", "lora"):
         import peft
 
         from .models import TARGET_MODULES
@@ -130,7 +136,7 @@ def merge(job: FinetuneJob, trained: nn.Module, tokenizer, base_masks: dict[str,
         return merge_masked_lora(trained)
     if method == "full-masked":
         return trained
-    merged = trained.merge_and_unload()
+    merged = trained.merge_and_unload()  # lora: the plain merge, nothing re-sparsified
     if method == "lora-mask":
         from .baselines import apply_masks
 
@@ -292,7 +298,8 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
             merged = _merge_on_fp(job, Path(tmp)) if cfg.load_in_4bit else merge(job, trained, tokenizer, masks)
             check_finite(merged, "not saving the merged model", trainable_only=False, after=kept())
             merged_after, pattern_after = layer_sparsity(merged), model_pattern(merged)
-            broken = sparsity_change(before, merged_after, pattern_before, pattern_after)
+            broken = None if cfg.method in DENSE_METHODS else sparsity_change(before, merged_after, pattern_before,
+                                                                             pattern_after)
             if broken:
                 raise SeftError(f"the merged model is not as sparse as the pruned base ({broken}){kept()}")
             save_checkpoint(merged, tokenizer, Path(tmp) / "merged")
@@ -309,7 +316,8 @@ def run_finetune(job: FinetuneJob, progress: bool = True) -> dict:
             "memory": memory, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
             "sparsity_before": _summary(before), "sparsity_after_merge": _summary(merged_after) if merged_after else None,
             "pattern_before": pattern_before, "pattern_after_merge": pattern_after,
-            "sparsity_preserved": True if merged_after else None,  # a merge that breaks it fails above
+            # a merge that breaks it fails above; a dense method makes no such promise (None)
+            "sparsity_preserved": True if merged_after and cfg.method not in DENSE_METHODS else None,
             "adapter_sparsity": adapter_report, "topology_updates": topology,
             "recipe": job.as_recipe(), "log_history": trainer.state.log_history,
         }
@@ -355,7 +363,7 @@ def _topology_history(trainer) -> list[dict]:
 
 def _save_adapter(method: str, trained: nn.Module, folder: Path) -> int | None:
     """Write the trainable state; returns the adapter file's size in bytes."""
-    if method in SEFT_METHODS or method in ("lora-reprune", "lora-mask"):
+    if method in SEFT_METHODS or method in ("lora-reprune", "lora-mask", "lora"):
         trained.save_pretrained(folder)
         return (folder / "adapter_model.safetensors").stat().st_size
     if method == "masked-lora":

@@ -12,7 +12,9 @@ from typing import Any
 
 from .errors import SeftError, choices_hint
 
-METHODS = ("seft", "seft-norevive", "static", "masked-lora", "lora-reprune", "lora-mask", "full-masked")
+METHODS = ("seft", "seft-norevive", "static", "masked-lora", "lora-reprune", "lora-mask", "full-masked", "lora")
+DENSE_METHODS = ("lora",)  # no sparsity promise: a merge may fill the base's zeros
+SPARSE_METHODS = tuple(m for m in METHODS if m not in DENSE_METHODS)
 SEFT_METHODS = ("seft", "seft-norevive", "static")
 MERGE_ONLY = ("lora-reprune", "lora-mask", "full-masked")  # their product exists only merged
 DEFAULT_LR = {"full-masked": 5e-5}  # everything else: 2e-3 (adapters train a small delta)

@@ -11,7 +11,15 @@ from conftest import build_tiny_model
 from safetensors.torch import load_file
 
 from seft.errors import SeftError
-from seft.finetune import METHODS, FinetuneConfig, FinetuneJob, job_from_recipe, layer_sparsity, run_finetune
+from seft.finetune import (
+    DENSE_METHODS,
+    SPARSE_METHODS,
+    FinetuneConfig,
+    FinetuneJob,
+    job_from_recipe,
+    layer_sparsity,
+    run_finetune,
+)
 from seft.models import decoder_layers, target_linears
 from seft.sparsity import nm_mask, row_topk_mask
 
@@ -46,7 +54,7 @@ def tiny_job(model: Path, output: Path, data: Path, method: str = "seft", steps:
     })
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SPARSE_METHODS)  # `lora` is dense by design: tested on its own below
 def test_every_method_keeps_sparsity(method, pruned_tiny, tiny_text_file, tmp_path):
     report = run_finetune(tiny_job(pruned_tiny, tmp_path / "out", tiny_text_file, method), progress=False)
     assert report["steps"] == 6
@@ -196,3 +204,55 @@ def test_bnb_8bit_adamw_run(pruned_tiny, tiny_text_file, tmp_path):
     assert report["steps"] == 6 and report["sparsity_preserved"]
     assert sum(u["seft/replaced"] for u in report["topology_updates"]) > 0
     assert math.isfinite(report["train_loss"])
+
+
+def _save_dense_tiny(folder: Path, tokenizer) -> Path:
+    build_tiny_model("llama", seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_lora_method_trains_a_dense_model(tmp_path, tiny_tokenizer, tiny_text_file):
+    """`--method lora`: a plain peft LoRA adapter on a dense model; its merge is a dense model that differs."""
+    from transformers import AutoModelForCausalLM
+
+    from seft.evaluate import load_for_eval
+
+    assert DENSE_METHODS == ("lora",)
+    base = _save_dense_tiny(tmp_path / "dense", tiny_tokenizer)
+    report = run_finetune(tiny_job(base, tmp_path / "out", tiny_text_file, "lora"), progress=False)
+    assert report["steps"] == 6 and report["sparsity_preserved"] is None  # no promise made, none reported
+    assert report["trainable_params"] == sum(  # rank 2 on every target linear: the shared budget
+        2 * (lin.in_features + lin.out_features) for layer in decoder_layers(build_tiny_model("llama"))
+        for lin in target_linears(layer).values())
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    assert max(layer_sparsity(merged).values()) == 0.0
+    w, w0 = merged.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(w, w0), "training changed nothing"
+    unmerged = load_for_eval(base, tmp_path / "out", device="cpu").model  # the adapter is a plain peft one
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_a_pruned_base_is_not_held_to_its_sparsity(pruned_tiny, tmp_path, tiny_text_file):
+    """Every other method fails a merge that fills the base's zeros; `lora` reports the dense merge instead."""
+    report = run_finetune(tiny_job(pruned_tiny, tmp_path / "out", tiny_text_file, "lora"), progress=False)
+    before, after = report["sparsity_before"]["mean"], report["sparsity_after_merge"]["mean"]
+    assert before == pytest.approx(0.5, abs=0.02) and after < 0.01
+    assert report["sparsity_preserved"] is None
+
+
+def test_cli_accepts_method_lora(tmp_path, tiny_tokenizer, tiny_text_file):
+    from seft.cli import main
+
+    base = _save_dense_tiny(tmp_path / "dense", tiny_tokenizer)
+    rc = main(["finetune", "--model", str(base), "--output", str(tmp_path / "o"), "--data", str(tiny_text_file),
+               "--method", "lora", "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-data", "none",
+               "--lora-rank", "2", "--no-progress"])
+    report = json.loads((tmp_path / "o" / "train_report.json").read_text())
+    assert rc == 0 and report["method"] == "lora" and report["steps"] == 2
+    assert (tmp_path / "o" / "adapter_model.safetensors").exists() and not (tmp_path / "o" / "merged").exists()

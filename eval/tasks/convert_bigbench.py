@@ -28,7 +28,10 @@ def _prompt(task: dict, example: dict, choices: list[str]) -> str:
     inp_prefix = task.get("example_input_prefix", "\nQ: ").lstrip("\n")
     out_prefix = task.get("example_output_prefix", "\nA: ").rstrip(" ")
     choice_prefix = task.get("choice_prefix", "\n  choice: ")
-    text = task.get("task_prefix", "") + inp_prefix + example["input"]
+    prefix = task.get("task_prefix", "")
+    if prefix and not prefix.endswith("\n"):  # e.g. navigate's question: on its own line, not glued to "Q:"
+        prefix += "\n"
+    text = prefix + inp_prefix + example["input"]
     if task.get("append_choices_to_input", True):
         text += "".join(choice_prefix + c for c in choices)
     return text + out_prefix

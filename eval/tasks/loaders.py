@@ -28,6 +28,25 @@ def bigbench(jsonl: str, **_: Any):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
+def specialist_val(task: str, **_: Any):
+    """Validation items of a specialist task: its train-split items whose row in train_mix.jsonl is one
+    `seft finetune` holds out (every 10th row, seft.data.HELDOUT_EVERY), so never trained on and never test.
+
+    benchmarks/specialist.py picks each method's learning rate on these, not on the test split.
+    """
+    import datasets
+
+    from seft.data import HELDOUT_EVERY
+
+    folder = HERE.parent / "specialist"
+    mix = [json.loads(line) for line in (folder / "train_mix.jsonl").read_text(encoding="utf-8").splitlines()
+           if line.strip()]
+    held = {r["prompt"] for i, r in enumerate(mix) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 and r["task"] == task}
+    train = [json.loads(line) for line in (folder / "train" / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list([r for r in train if r["query"] in held])})
+
+
 def wiki_heldout(**_: Any):
     """seft's held-out `wiki` documents (every 10th article of gensim's Wikipedia excerpt).
 

@@ -8,9 +8,12 @@ flag (the "SEFT adapter" options below, one per SeftConfig field):
   seft finetune --model out/wanda50 --output out/x --update-interval 10 --stat-window 2 train.warmup_steps=0
 
 --data: wiki, news, pydoc, a .txt file (packed blocks), a prompt/response
-.jsonl (instruction tuning, loss on the response only), or hf:DATASET.
+.jsonl (instruction tuning in the chat template, loss on the response only), a
+prompt/completion .jsonl (plain text, loss on the completion only, tokenized as
+lm-eval scores it: e.g. eval/specialist/train_mix.jsonl), or hf:DATASET.
 --method: seft (default), seft-norevive, static, masked-lora, lora-reprune,
-lora-mask, full-masked — all at the budget of a LoRA of rank --lora-rank.
+lora-mask, full-masked — all at the budget of a LoRA of rank --lora-rank — and
+lora, plain dense LoRA for a dense model (no sparsity promise, not checked).
 
 Output: OUTPUT/adapter_model.safetensors (+ adapter_config.json),
 OUTPUT/merged/ with --merge (a plain sparse HF checkpoint), and
