@@ -63,6 +63,8 @@ METHODS: dict[str, tuple[str, dict, dict]] = {
     "lora-reprune": ("lora-reprune", {}, {}),
     "static": ("static", dict(OLD), {}),
     "seft-old": ("seft", dict(OLD), {}),
+    # the candidate: the single changes that helped at seed 0, lr 3e-3 (abl-norevive, abl-protect), together
+    "seft-new": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1), {}),
     # single-change ablations of seft-old (the hypotheses of the study)
     "abl-warmup0": ("seft", dict(OLD, regrow_warmup=0), {}),
     "abl-warmup2": ("seft", dict(OLD, regrow_warmup=2), {}),
