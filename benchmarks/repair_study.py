@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,6 +264,19 @@ def launch(specs: list[dict], jobs: int, rows_path: Path = ROWS) -> None:
         time.sleep(10)
 
 
+def run_and_append(spec: dict, run: Callable[[dict], dict], running: Path, rows_path: Path) -> None:
+    """Run one spec in this process and append its row; a pid file marks it alive meanwhile (see `launch`)."""
+    running.mkdir(parents=True, exist_ok=True)
+    pid_file = running / f"{spec['key']}.pid"
+    pid_file.write_text(str(os.getpid()))
+    try:
+        row = run(spec)
+        append_row(row, rows_path)
+        print(json.dumps(row))
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
 def _wait_for_pid_file(key: str, timeout: float = 60.0) -> None:
     t0 = time.perf_counter()
     while not (RUNNING / f"{key}.pid").exists() and time.perf_counter() - t0 < timeout:
@@ -338,16 +352,7 @@ def main() -> None:
     table.add_argument("--rows", type=Path, default=ROWS)
     args = p.parse_args()
     if args.cmd == "one":
-        spec = json.loads(args.spec)
-        RUNNING.mkdir(parents=True, exist_ok=True)
-        pid_file = RUNNING / f"{spec['key']}.pid"
-        pid_file.write_text(str(os.getpid()))
-        try:
-            row = one_run(spec)
-            append_row(row, args.rows)
-            print(json.dumps(row))
-        finally:
-            pid_file.unlink(missing_ok=True)
+        run_and_append(json.loads(args.spec), one_run, RUNNING, args.rows)
     elif args.cmd == "run":
         cmd_run(args)
     else:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_study import OLD, append_row, load_rows  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
+from repair_study import OLD, load_rows, run_and_append  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -305,16 +305,7 @@ def cmd_run(args) -> None:
 
 def cmd_one(args) -> None:
     spec = json.loads(args.spec)
-    running = Path(spec["work"]) / "running"
-    running.mkdir(parents=True, exist_ok=True)
-    pid_file = running / f"{spec['key']}.pid"
-    pid_file.write_text(str(os.getpid()))
-    try:
-        row = one_run(spec)
-        append_row(row, args.rows)
-        print(json.dumps(row))
-    finally:
-        pid_file.unlink(missing_ok=True)
+    run_and_append(spec, one_run, Path(spec["work"]) / "running", args.rows)
 
 
 def main() -> None:
