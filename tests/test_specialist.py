@@ -150,6 +150,7 @@ def _fake_row(spec: dict, val: float, acc: float) -> dict:
 
 def test_benchmark_plan_skips_finished_runs_and_picks_lr_on_validation(tmp_path):
     bench = _bench()
+    import repair_study  # on sys.path with the benchmarks
     specs = bench.plan(_args(tmp_path), [])
     assert [(s["kind"], s["method"], s["lr"]) for s in specs] == [("base", "none", None), ("tuned", "lora", 1e-4),
                                                                  ("tuned", "lora", 1e-3)]
@@ -160,7 +161,7 @@ def test_benchmark_plan_skips_finished_runs_and_picks_lr_on_validation(tmp_path)
     # lr 1e-4 wins on validation although 1e-3 is better on test: the choice never looks at test
     rows = [_fake_row(specs[0], 0.4, 0.4), _fake_row(specs[1], 0.7, 0.5), _fake_row(specs[2], 0.6, 0.9)]
     for row in rows:
-        bench.append_row(row, tmp_path / "rows.jsonl")
+        repair_study.append_row(row, tmp_path / "rows.jsonl")  # the locked append specialist.py uses
     loaded = bench.load_rows(tmp_path / "rows.jsonl")
     assert bench.plan(_args(tmp_path), loaded) == []  # everything finished: nothing to redo
     more = bench.plan(_args(tmp_path, lrs="best", seeds="0,1,2"), loaded)
