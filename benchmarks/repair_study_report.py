@@ -119,7 +119,7 @@ def ablation_table(rows: list[dict], reference: str = "seft-old") -> list[str]:
         ref = _mean_std([r["wiki_ppl"] for r in _at_best(rows, setting, reference, lr)
                          if r["seed"] == 0])[0]
         variants = [reference] + sorted({r["method"] for r in rows if r["setting"] == setting and
-                                         (r["method"].startswith("abl-") or r["method"] in ("seft-new",
+                                         (r["method"].startswith("abl-") or r["method"] in ("seft-new", "static",
                                                                                             "static-reselect"))})
         for method in variants:
             rs = [r for r in rows if r["setting"] == setting and r["method"] == method and r["lr"] == lr]
@@ -178,6 +178,38 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_churn(rows: list[dict], path: Path, reference: str = "seft-old") -> None:
+    """The churn figure: share of dropped slots that were young, and wiki ppl, per SEFT variant (seed 0, at
+    seft-old's best lr) — before (seft-old) and after each change meant to stop young slots being dropped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_lrs(rows)
+    settings = [s for s in sorted({r["setting"] for r in rows}, key=_order) if (s, reference) in best]
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.2), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        lr = best[(setting, reference)]
+        rs = {r["method"]: r for r in rows if r["setting"] == setting and r["lr"] == lr and r["seed"] == 0
+              and r.get("young_share") is not None}
+        names = [reference] + sorted(m for m in rs if m != reference)
+        names = [m for m in names if m in rs]
+        ax.bar(range(len(names)), [100 * rs[m]["young_share"] for m in names], color="#ff7f0e")
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("dropped slots that were young (%)")
+        twin = ax.twinx()
+        twin.plot(range(len(names)), [rs[m]["wiki_ppl"] for m in names], "ko-", label="held-out wiki ppl")
+        twin.set_ylabel("wiki ppl")
+        twin.legend(fontsize=7, loc="upper right")
+        ax.set_title(f"{setting}, lr {lr:g}, seed 0: churn of young slots")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
     if not rows:
         raise SystemExit("no rows yet")
@@ -203,9 +235,12 @@ def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
         "`dropped young` = dropped slots that were grown at the previous update or later (churn); `loss jump` / "
         "`grad-norm jump` = mean over updates of (3 steps after) - (3 steps before).", "",
         *ablation_table(rows), "",
+        f"Churn figure: `{stem.name}_churn.png` (share of dropped slots that were young, per variant, with wiki ppl).",
+        "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))
     stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "best_lrs": {
         f"{s}/{m}": lr for (s, m), lr in best_lrs(rows).items()}, "runs": len(rows)}, indent=1))
     plot(rows, summary, stem.with_suffix(".png"))
+    plot_churn(rows, stem.with_name(stem.name + "_churn.png"))
     print("\n".join(lines))
