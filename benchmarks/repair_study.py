@@ -214,10 +214,10 @@ def append_row(row: dict, path: Path = ROWS) -> None:
 RUNNING = WORK / "running"
 
 
-def running_keys() -> set[str]:
-    """Keys of runs alive right now (a pid file per run; files of dead processes are removed)."""
+def running_keys(folder: Path = RUNNING) -> set[str]:
+    """Keys of runs alive right now (a pid file per run in `folder`; files of dead processes are removed)."""
     alive = set()
-    for pid_file in RUNNING.glob("*.pid") if RUNNING.is_dir() else []:
+    for pid_file in folder.glob("*.pid") if folder.is_dir() else []:
         try:
             os.kill(int(pid_file.read_text()), 0)
             alive.add(pid_file.stem)

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_study import OLD, load_rows, run_and_append  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
+from repair_study import OLD, load_rows, run_and_append, running_keys  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -183,19 +183,6 @@ def one_run(spec: dict) -> dict:
 # --- driver ------------------------------------------------------------------------------------
 
 
-def running_keys(work: Path) -> set[str]:
-    """Keys of runs alive now (a pid file per run; files of dead processes are removed)."""
-    alive = set()
-    folder = work / "running"
-    for pid_file in folder.glob("*.pid") if folder.is_dir() else []:
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-            alive.add(pid_file.stem)
-        except (OSError, ValueError):
-            pid_file.unlink(missing_ok=True)
-    return alive
-
-
 def child_env(threads: int) -> dict:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                 HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -208,7 +195,7 @@ def launch(specs: list[dict], jobs: int, rows: Path, work: Path, threads: int) -
     logs.mkdir(parents=True, exist_ok=True)
     pending, started = list(specs), {}
     while pending or started:
-        alive = running_keys(work)
+        alive = running_keys(work / "running")
         done = {r["key"]: r for r in load_rows(rows)}
         pending = [s for s in pending if s["key"] not in done and s["key"] not in alive]
         for key in [k for k in started if k not in alive]:

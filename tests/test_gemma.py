@@ -11,6 +11,7 @@ import peft
 import pytest
 import torch
 from conftest import TINY_VOCAB
+from test_prune import _record_layer_outputs
 from test_tuner_helpers import PROJ, batches, train_loop
 from transformers import AutoModelForCausalLM, GemmaConfig, Phi3Config
 
@@ -85,10 +86,7 @@ def test_engine_drives_gemma_layers_exactly(tiny_tokenizer, tiny_text_file):
     config = PruneConfig(method="wanda", sparsity=0.0, calibration=str(tiny_text_file), num_samples=4,
                          seq_len=48, batch_size=4)
     windows = calibration_windows(tiny_tokenizer, config.calibration, 4, 48, seed=0)
-    latest: dict[int, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(
-        lambda _m, _a, out, i=i: latest.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach().clone()))
-        for i, layer in enumerate(decoder_layers(model))]
+    latest, handles = _record_layer_outputs(model)
     with torch.no_grad():
         model(windows, use_cache=False)
     reference = dict(latest)
