@@ -259,7 +259,7 @@ def launch(specs: list[dict], jobs: int, rows_path: Path = ROWS) -> None:
             log.close()
             started[spec["key"]] = (spec, time.perf_counter())
             alive.add(spec["key"])
-            _wait_for_pid_file(spec["key"])
+            wait_for_pid_file(spec["key"])
             print(f"start {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}", flush=True)
         time.sleep(10)
 
@@ -277,9 +277,10 @@ def run_and_append(spec: dict, run: Callable[[dict], dict], running: Path, rows_
         pid_file.unlink(missing_ok=True)
 
 
-def _wait_for_pid_file(key: str, timeout: float = 60.0) -> None:
+def wait_for_pid_file(key: str, folder: Path = RUNNING, timeout: float = 60.0) -> None:
+    """Until a just-started run has written its pid file (so the next `running_keys` counts it)."""
     t0 = time.perf_counter()
-    while not (RUNNING / f"{key}.pid").exists() and time.perf_counter() - t0 < timeout:
+    while not (folder / f"{key}.pid").exists() and time.perf_counter() - t0 < timeout:
         time.sleep(0.5)
 
 

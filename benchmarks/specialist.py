@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_study import OLD, load_rows, run_and_append, running_keys  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
+from repair_study import OLD, load_rows, run_and_append, running_keys, wait_for_pid_file  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -211,9 +211,7 @@ def launch(specs: list[dict], jobs: int, rows: Path, work: Path, threads: int) -
                                  stdout=log, stderr=log, text=True, env=env, cwd=ROOT, start_new_session=True)
             started[spec["key"]] = (spec, time.perf_counter())
             alive.add(spec["key"])
-            t0 = time.perf_counter()
-            while not (work / "running" / f"{spec['key']}.pid").exists() and time.perf_counter() - t0 < 60:
-                time.sleep(0.5)
+            wait_for_pid_file(spec["key"], work / "running")
             print(f"start {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']}", flush=True)
         if pending or started:
             time.sleep(5)
