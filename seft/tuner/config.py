@@ -27,7 +27,17 @@ from peft.utils.peft_types import PeftType
 
 from ..errors import SeftError, choices_hint
 from .sparse_ops import KERNELS
-from .topology import GROWTHS, INITS, REGROW_MOMENTS, SCHEDULES, SENSITIVITIES
+from .topology import (
+    BALANCES,
+    DROP_SCORES,
+    DROP_VALUES,
+    GROWTHS,
+    INITS,
+    REGROW_MOMENTS,
+    SCHEDULES,
+    SENSITIVITIES,
+    SLOT_LRS,
+)
 
 DEFAULT_LORA_RANK = 8
 PEFT_NAME = "SEFT"
@@ -84,6 +94,22 @@ class SeftConfig(PeftConfig):
                 "window |g| after the first stat_window steps (slots already there keep their values)."})
     regrow_moments: str = field(default="seeded", metadata={
         "help": "seeded (Adam moments of a regrown slot from its window statistics) | zero (the cold start)."})
+    drop_values: str = field(default="discard", metadata={
+        "help": "discard | fold: what a drop does with the slot's learned value (fold adds it to the base weight, "
+                "so the position keeps it; study option)."})
+    drop_score: str = field(default="value", metadata={
+        "help": "value | momentum: drop the slots with the smallest |value| or the smallest |Adam exp_avg| "
+                "(the least recently useful; study option)."})
+    slot_lr: str = field(default="plain", metadata={
+        "help": "plain | channel | density: every slot steps by lr (Adam); or by lr * (RMS of its input channel "
+                "/ mean RMS) ** slot_lr_power, clipped to [0.01, 4]; or by lr * a per-layer factor proportional "
+                "to out / k (SMET's density-aware lr; k-weighted mean 1) (study options)."})
+    slot_lr_power: float = field(default=-1.0, metadata={
+        "help": "With slot_lr: channel, the power of the channel-RMS factor (-1 = Adam in Wanda-normalized "
+                "coordinates: the same output step on every channel; > 0 = larger steps on loud channels)."})
+    balance: str = field(default="none", metadata={
+        "help": "none | row: row keeps every output row's slot count at each update (drops and grows pair up "
+                "within rows; study option)."})
     candidates: int | None = field(default=None, metadata={"help": "Window candidates per kind; None = k."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial slot draw."})
     kernel: str = field(default="auto", metadata={
@@ -136,6 +162,14 @@ class SeftConfig(PeftConfig):
         if self.regrow_moments not in REGROW_MOMENTS:
             raise SeftError(f"unknown regrow_moments {self.regrow_moments!r}; "
                             f"{choices_hint(self.regrow_moments, REGROW_MOMENTS)}")
+        if self.drop_values not in DROP_VALUES:
+            raise SeftError(f"unknown drop_values {self.drop_values!r}; {choices_hint(self.drop_values, DROP_VALUES)}")
+        if self.drop_score not in DROP_SCORES:
+            raise SeftError(f"unknown drop_score {self.drop_score!r}; {choices_hint(self.drop_score, DROP_SCORES)}")
+        if self.slot_lr not in SLOT_LRS:
+            raise SeftError(f"unknown slot_lr {self.slot_lr!r}; {choices_hint(self.slot_lr, SLOT_LRS)}")
+        if self.balance not in BALANCES:
+            raise SeftError(f"unknown balance {self.balance!r}; {choices_hint(self.balance, BALANCES)}")
         if self.candidates is not None and int(self.candidates) < 1:
             raise SeftError(f"candidates must be >= 1 or None, got {self.candidates}")
         if self.removed_sizes is not None:

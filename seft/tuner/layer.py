@@ -82,6 +82,7 @@ class LayerMeta:
     nm: Pattern  # detected N:M pattern, or None
     candidates: int  # window candidates per kind
     kernel: str = "auto"  # SeftConfig.kernel: sparse products (sampled grad, CSR delta) or dense
+    slot_lr: str = "plain"  # SeftConfig.slot_lr: "channel" tracks the input channels' mean square
 
 
 class WindowAccumulator:
@@ -195,6 +196,7 @@ class SeftLayer(BaseTunerLayer):
         self._seft_placeholders: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> tensors awaiting a load
         self._seft_loading: set[str] = set()  # adapters the load pre-hook validated, for the post-hook
         self._disable_adapters = False
+        self._seft_x_sq: tuple[torch.Tensor, int] | None = None  # (sum of x**2 per input channel, tokens)
         self.merged_adapters = []
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
@@ -222,7 +224,8 @@ class SeftLayer(BaseTunerLayer):
         self._seft_key = layer_key or self._seft_key
         cands = int(config.candidates) if config.candidates is not None else k
         self.seft_meta[adapter_name] = LayerMeta(n=n, k=k, nm=nm, candidates=cands,
-                                                 kernel=getattr(config, "kernel", "auto"))
+                                                 kernel=getattr(config, "kernel", "auto"),
+                                                 slot_lr=getattr(config, "slot_lr", "plain"))
         if describes_saved_state(config):
             self._make_placeholders(adapter_name, k, int((config.removed_sizes or {}).get(layer_key, 0)),
                                     idx_dtype, device)
@@ -359,6 +362,22 @@ class SeftLayer(BaseTunerLayer):
         self._seft_csr[adapter] = (key, views)
         return views
 
+    @torch.no_grad()
+    def observe_input(self, x: torch.Tensor) -> None:
+        """Add a training batch's per-channel sum of x**2 (for `slot_lr: channel`)."""
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        sq = x2.float().pow(2).sum(0)
+        if self._seft_x_sq is None:
+            self._seft_x_sq = (sq, x2.shape[0])
+        else:
+            self._seft_x_sq = (self._seft_x_sq[0] + sq, self._seft_x_sq[1] + x2.shape[0])
+
+    def channel_lr_scale(self, power: float = -1.0) -> torch.Tensor:
+        """`slot_lr: channel` factors per input channel from the inputs seen so far in training (1 before any)."""
+        if self._seft_x_sq is None:
+            return torch.ones(self.in_features)
+        return T.channel_lr_scale(*self._seft_x_sq, power=power)
+
     # --- statistics window -------------------------------------------------------
 
     def open_window(self, adapter: str, want_sensitivity: bool, normalized: bool = False,
@@ -400,6 +419,8 @@ class Linear(nn.Module, SeftLayer):
             delta = sparse_delta(x, values, indices, removed, self.removed_base_values(removed), shape, sink, views)
             return base(x, *args, **kwargs) + delta.to(x.dtype)
         meta = self.seft_meta[adapter]
+        if meta.slot_lr == "channel" and self.training and torch.is_grad_enabled():
+            self.observe_input(x)
         sparse = SO.use_sparse_kernel(meta.kernel, meta.k, self.in_features * self.out_features, x.device)
         views = self.slot_views(adapter, x.device, with_delta=False) if sparse and torch.is_grad_enabled() else None
         return seft_linear(x, base.weight, base.bias, values, indices, removed, sink, views, in_place=sparse)

@@ -69,7 +69,7 @@ from . import shards as S
 from . import topology as T
 from .config import SeftConfig
 from .layer import Linear, SeftLayer
-from .optim import check_optimizer, optimizer_step_count, reseed_moments
+from .optim import check_optimizer, dequantized_moments, optimizer_step_count, reseed_moments
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,34 @@ def absolute_base_path(name: str | None) -> str | None:
     if not name or name in ALIASES or os.path.isabs(name) or not os.path.isdir(name):
         return name
     return os.path.abspath(name)
+
+
+@torch.no_grad()
+def _fold_dropped(layer, weight: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor, values: torch.Tensor,
+                  slots: torch.Tensor) -> None:
+    """`drop_values: fold` (study option): add the dropped slots' values to the base weight in place.
+
+    Only at base-active positions (a dropped revival leaves the active set, as the rebalance assumed), and
+    never where the sum would be exactly 0 (that would change the active count). The base weight is edited,
+    so only the merged model carries the folded deltas: saving the adapter is refused afterwards.
+    """
+    if slots.numel() == 0:
+        return
+    base = layer.get_base_layer().weight
+    if S.is_sharded(base) or is_4bit_layer(layer):
+        raise SeftError("drop_values: fold is a study option for plain (unsharded, unquantized) bases")
+    pos = indices.long()[slots]
+    active = T.base_active_mask(weight, removed)[pos]
+    new = weight[pos] + values[slots].to(weight.dtype)
+    ok = active & (new != 0)
+    base.data.view(-1)[pos[ok]] = new[ok]
+    layer._seft_folded = getattr(layer, "_seft_folded", 0) + int(ok.sum())
+
+
+def is_4bit_layer(layer) -> bool:
+    from .quant import is_4bit
+
+    return is_4bit(layer.get_base_layer())
 
 
 class SeftModel(BaseTuner):
@@ -158,6 +186,11 @@ class SeftModel(BaseTuner):
         So `save_pretrained` writes the same file as a 1-process run; under FSDP2 every rank must call it
         (the gathers are collectives) and only one write (`is_main_process`; seft.distributed.save_pretrained).
         """
+        if getattr(config, "drop_values", "discard") == "fold" and any(
+                getattr(m, "_seft_folded", 0) for m in model.modules() if isinstance(m, Linear)):
+            raise SeftError("this SEFT adapter folded dropped values into the base weights (drop_values: fold, a "
+                            "study option), which the adapter file cannot carry; save the merged model instead "
+                            "(merge_and_unload)")
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         selected = {key: S.full(value) if S.is_sharded(value) else value for key, value in selected.items()}
         # the config is saved right after this (peft's and transformers' save_pretrained): the saved file
@@ -213,7 +246,10 @@ class SeftModel(BaseTuner):
             if window is not None:
                 window.end_step()
             values = layer.seft_values[adapter]
-            warming = (layer.seft_age[adapter] < cfg.regrow_warmup).nonzero().flatten()
+            if cfg.slot_lr != "plain":  # every slot's applied update is rescaled
+                warming = torch.arange(values.numel(), device=layer.seft_age[adapter].device)
+            else:
+                warming = (layer.seft_age[adapter] < cfg.regrow_warmup).nonzero().flatten()
             mine, pos = S.local_positions(values, warming)  # FSDP2: the warming slots this rank's shard holds
             layer._seft_snapshot = (
                 warming[mine], pos, S.local(values)[pos].clone(),
@@ -222,9 +258,15 @@ class SeftModel(BaseTuner):
 
     @torch.no_grad()
     def seft_post_optimizer_step(self, optimizer=None) -> None:
-        """Scale warming-up slots' applied update and age slots (after optimizer.step())."""
+        """Scale warming-up slots' applied update (and with `slot_lr: channel | density` every slot's, by its
+        input channel's or its layer's factor) and age slots (after optimizer.step())."""
         cfg, adapter = self.seft_config(), self._adapter()
-        for layer in self.seft_layers(adapter).values():
+        layers = self.seft_layers(adapter)
+        if cfg.slot_lr == "density":
+            metas = [layer.seft_meta[adapter] for layer in layers.values()]
+            layer_lr = dict(zip(layers, T.density_lr_scale([m.k for m in metas],
+                                                           [layer.out_features for layer in layers.values()])))
+        for name, layer in layers.items():
             snapshot = getattr(layer, "_seft_snapshot", None)
             if snapshot is None:
                 continue
@@ -236,6 +278,11 @@ class SeftModel(BaseTuner):
             age = layer.seft_age[adapter]
             if warming.numel():
                 scale = T.warmup_scale(age[warming], cfg.regrow_warmup).to(values.dtype)
+                if cfg.slot_lr == "channel":
+                    columns = layer.seft_indices[adapter][warming].long() % layer.in_features
+                    scale = scale * layer.channel_lr_scale(cfg.slot_lr_power)[columns].to(values.dtype)
+                elif cfg.slot_lr == "density":
+                    scale = scale * layer_lr[name]
                 shard = S.local(values)
                 shard[pos] = before + (shard[pos] - before) * scale
             age.clamp_(max=cfg.age_cap() - 1).add_(1)
@@ -263,9 +310,15 @@ class SeftModel(BaseTuner):
             weight = layer.topology_weight().reshape(-1)
             age = layer.seft_age[adapter]
             protect = age <= cfg.protect_updates * cfg.update_interval if cfg.protect_updates > 0 else None
+            drop_score = None
+            if cfg.drop_score == "momentum" and optimizer is not None and optimizer_step_count(optimizer, values):
+                drop_score = dequantized_moments(optimizer, values)[0].abs()
             res = T.evolve(weight, S.full(values), indices, removed, stats, T.replace_count(p, meta.k), meta.n,
                            cfg.revive_fraction, cfg.sensitivity, nm=bool(meta.nm), protect=protect,
-                           reselect=reselect)
+                           reselect=reselect, drop_score=drop_score, balance=cfg.balance,
+                           in_features=layer.in_features)
+            if cfg.drop_values == "fold":
+                _fold_dropped(layer, weight, indices, removed, S.full(values), res.replaced_slots)
             # churn: dropped slots grown at the previous update or later
             totals["dropped_young"] += int((age[res.replaced_slots] <= cfg.update_interval).sum().item())
             indices.copy_(res.indices)

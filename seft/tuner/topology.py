@@ -37,6 +37,10 @@ SENSITIVITIES = ("taylor", "magnitude")
 GROWTHS = ("gradient", "normalized")
 INITS = ("random", "reselect")
 REGROW_MOMENTS = ("seeded", "zero")
+DROP_VALUES = ("discard", "fold")
+DROP_SCORES = ("value", "momentum")
+SLOT_LRS = ("plain", "channel", "density")
+BALANCES = ("none", "row")
 
 
 # --- schedule -----------------------------------------------------------------
@@ -168,6 +172,41 @@ def channel_scale(x_sq_sum: torch.Tensor, tokens: int) -> torch.Tensor:
     return rms.clamp_min(floor)
 
 
+def channel_lr_scale(x_sq_sum: torch.Tensor, tokens: int, power: float = -1.0, lo: float = 1e-2,
+                     hi: float = 4.0) -> torch.Tensor:
+    """Per input channel: (this channel's RMS / mean channel RMS) ** power, clipped to [lo, hi] (`slot_lr:
+    channel`, `slot_lr_power`).
+
+    Adam moves every slot by about `lr` in weight units, so a slot on input
+    channel j moves the layer output by about `lr * rms_j`: slots on outlier
+    channels (RMS 10-100x the mean) take steps much larger in output terms
+    than slots on quiet channels. `power = -1` scales each slot's applied
+    update by mean / rms_j: Adam on the delta in units of `1 / rms_j` (the
+    Wanda-normalized coordinates; Adam is invariant to the gradient's scale),
+    the same output step for every slot. `power > 0` does the opposite:
+    larger steps on loud channels, closer to what plain gradient descent
+    would do there. The clip keeps near-dead channels (tiny RMS) from large
+    weights that would only matter on text where they wake up, and caps any
+    slot's lr at `hi` times the base lr.
+    """
+    rms = channel_scale(x_sq_sum, tokens)
+    return (rms / rms.mean()).pow(power).clamp(min=lo, max=hi)
+
+
+def density_lr_scale(k: list[int], out_features: list[int]) -> list[float]:
+    """Per layer: a factor proportional to 1 / (slots per output row) = out / k, normalized so the
+    k-weighted mean factor is 1 (`slot_lr: density`).
+
+    The density-aware learning rate of SMET / SμPar for Adam: a row's output
+    moves by about lr times the number of its slots that move coherently, so
+    layers whose budget puts more slots in each row (k / out: 11 on SmolLM2's
+    gate/up, 32 on k/v) take proportionally smaller steps; the normalization
+    keeps the lr grid comparable with `plain`.
+    """
+    ref = sum(k) / sum(out_features)
+    return [ref * o / kk for kk, o in zip(k, out_features)]
+
+
 def sensitivity_candidates(weight_flat: torch.Tensor, grad_flat: torch.Tensor, base_active: torch.Tensor,
                            slot_mask: torch.Tensor, c: int) -> torch.Tensor:
     """Lowest-|w * G| base-active positions that hold no slot: the likely re-prune targets."""
@@ -208,6 +247,45 @@ def choose_growth(score: torch.Tensor, is_revival: torch.Tensor, r: int, max_rev
     rev_rank = torch.cumsum(rev_sorted.long(), 0)  # 1-based rank among revivals
     admissible = ~rev_sorted | (rev_rank <= max_revivals)
     return order[admissible][:r]
+
+
+def _rank_in_group(groups: torch.Tensor) -> torch.Tensor:
+    """For a 1-D tensor sorted by group: each entry's 0-based position within its group."""
+    first = torch.searchsorted(groups, groups, right=False)
+    return torch.arange(groups.numel(), device=groups.device) - first
+
+
+def row_balanced_swap(drop_by: torch.Tensor, protect: torch.Tensor | None, slot_rows: torch.Tensor,
+                      cand_rows: torch.Tensor, order: torch.Tensor, r: int, n_rows: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot numbers to drop, candidate indices to grow) with every output row keeping its slot count.
+
+    `order`: admissible candidates, best first. The `r` drop choices are
+    made as usual; each row then grows as many of its own best candidates
+    as it dropped, and where a row has fewer candidates it keeps its
+    largest dropped slots instead (so it never loses slots to other rows).
+    """
+    dropped = drop_slots(drop_by, r, protect)
+    if dropped.numel() == 0 or order.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long, device=drop_by.device)
+        return empty, empty
+    need = torch.bincount(slot_rows[dropped], minlength=n_rows)
+    rows_c = cand_rows[order]
+    by_row = torch.argsort(rows_c, stable=True)  # grouped by row, best first within a row
+    grouped = rows_c[by_row]
+    take = _rank_in_group(grouped) < need[grouped]
+    chosen = order[by_row[take]]
+    granted = torch.bincount(cand_rows[chosen], minlength=n_rows)
+    # keep only `granted[row]` of each row's dropped slots: those first in drop order (smallest score)
+    score = drop_by.detach().abs().float()[dropped]
+    if protect is not None:
+        score = torch.where(protect[dropped], score + score.max() + 1.0, score)
+    d_rows = slot_rows[dropped]
+    by_score = torch.argsort(score, stable=True)
+    regroup = torch.argsort(d_rows[by_score], stable=True)
+    ordered = by_score[regroup]
+    keep = _rank_in_group(d_rows[ordered]) < granted[d_rows[ordered]]
+    return dropped[ordered[keep]], chosen
 
 
 @dataclass
@@ -256,6 +334,9 @@ def evolve(
     nm: bool = False,
     protect: torch.Tensor | None = None,
     reselect: bool = False,
+    drop_score: torch.Tensor | None = None,
+    balance: str = "none",
+    in_features: int | None = None,
 ) -> EvolveResult:
     """One SEFT topology update (DESIGN.md §1 steps 2, 3 and 5) for one layer.
 
@@ -305,8 +386,14 @@ def evolve(
         chosen = chosen[:n_move]
     else:
         max_rev = 0 if nm else int(math.floor(revive_fraction * r + 1e-9))
-        chosen = choose_growth(score, is_revival, r, max_rev)
-        dropped = drop_slots(values, int(chosen.numel()), protect)
+        drop_by = values if drop_score is None else drop_score
+        if balance == "row":  # each output row keeps its slot count
+            order = choose_growth(score, is_revival, int(score.numel()), max_rev)
+            dropped, chosen = row_balanced_swap(drop_by, protect, slots // in_features, cand // in_features, order,
+                                                r, numel // in_features)
+        else:
+            chosen = choose_growth(score, is_revival, r, max_rev)
+            dropped = drop_slots(drop_by, int(chosen.numel()), protect)
     new_slots = slots.clone()
     new_slots[dropped] = cand[chosen]
     revived = int(is_revival[chosen].sum().item())
