@@ -220,6 +220,11 @@ def _check_before_work(job: FinetuneJob) -> tuple[object, Path]:
     cfg = job.config
     cfg.check_sources()
     merge_wanted = cfg.merge or cfg.method in MERGE_ONLY
+    if cfg.method in SEFT_METHODS and job.adapter.get("drop_values") == "fold":
+        if not merge_wanted or job.training_overrides().get("save_strategy") != "no" or cfg.resume:
+            raise SeftError("adapter.drop_values: fold (a study option) folds dropped values into the base "
+                            "weights in memory, which no adapter file or checkpoint carries: use it with --merge, "
+                            "train.save_strategy: no and without --resume")
     sources = (cfg.data, cfg.eval_data, cfg.calibration if cfg.method == "lora-reprune" else None)
     plan = check_output(job.output, job.overwrite, input_paths(local_model_folder(job.model), *sources),
                         size=checkpoint_bytes(job.model, cfg.dtype) if merge_wanted else None)
@@ -362,7 +367,10 @@ def _topology_history(trainer) -> list[dict]:
 
 
 def _save_adapter(method: str, trained: nn.Module, folder: Path) -> int | None:
-    """Write the trainable state; returns the adapter file's size in bytes."""
+    """Write the trainable state; returns the adapter file's size in bytes (None: nothing to write, or a
+    `drop_values: fold` run, whose product exists only merged)."""
+    if method in SEFT_METHODS and trained.seft_config().drop_values == "fold":
+        return None
     if method in SEFT_METHODS or method in ("lora-reprune", "lora-mask", "lora"):
         trained.save_pretrained(folder)
         return (folder / "adapter_model.safetensors").stat().st_size

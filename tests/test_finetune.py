@@ -256,3 +256,34 @@ def test_cli_accepts_method_lora(tmp_path, tiny_tokenizer, tiny_text_file):
     report = json.loads((tmp_path / "o" / "train_report.json").read_text())
     assert rc == 0 and report["method"] == "lora" and report["steps"] == 2
     assert (tmp_path / "o" / "adapter_model.safetensors").exists() and not (tmp_path / "o" / "merged").exists()
+
+
+def test_fold_runs_merged_only(pruned_tiny, tiny_text_file, tmp_path):
+    """`drop_values: fold` edits the base in memory: finetune refuses it with an adapter or checkpoints as the
+    product, runs it merged (no adapter file), and an adapter save after a fold is refused."""
+    job = tiny_job(pruned_tiny, tmp_path / "a", tiny_text_file)
+    job.adapter["drop_values"] = "fold"
+    with pytest.raises(SeftError, match="drop_values: fold"):
+        run_finetune(job, progress=False)  # save_strategy steps: checkpoints could not carry the folds
+    job = tiny_job(pruned_tiny, tmp_path / "b", tiny_text_file, save_strategy="no")
+    job.adapter.update(drop_values="fold", revive_fraction=0.0)
+    report = run_finetune(job, progress=False)
+    assert report["sparsity_preserved"] and report["adapter_bytes"] is None
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "b" / "merged" / "config.json").exists()
+
+
+def test_adapter_save_after_a_fold_is_refused(tmp_path):
+    import peft
+    from test_topology_options import _steps
+    from test_tuner_helpers import prune_tiny
+
+    import seft
+
+    pm = peft.get_peft_model(prune_tiny(build_tiny_model("llama", seed=2)), seft.SeftConfig(
+        lora_rank=2, update_interval=3, stat_window=1, evolve_until=1.0, revive_fraction=0.0, drop_values="fold"))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.save_pretrained(tmp_path / "before")  # nothing folded yet: an ordinary adapter
+    assert _steps(pm, opt, range(1, 4), total=12)[3]["seft/replaced"] > 0
+    with pytest.raises(SeftError, match="cannot carry"):
+        pm.save_pretrained(tmp_path / "after")
