@@ -82,6 +82,23 @@ METHODS: dict[str, tuple[str, dict, dict]] = {
     "abl-interval30": ("seft", dict(OLD, update_interval=30), {}),
     "abl-p0.1": ("seft", dict(OLD, initial_replace_fraction=0.1), {}),
     "static-reselect": ("static", dict(OLD, init="reselect"), {}),
+    # single changes to seft-new (stop 20): what a drop does with the learned value, and what it drops
+    "new-fold": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, drop_values="fold"), {}),
+    "new-fold-mom": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, drop_values="fold",
+                                  drop_score="momentum"), {}),
+    "new-chan": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="channel"), {}),
+    "new-chan-norm": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="channel",
+                                   growth="normalized"), {}),
+    "new-rms": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="channel", slot_lr_power=1.0),
+                {}),
+    "new-density": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="density"), {}),
+    "new-rowbal": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, balance="row"), {}),
+    "new-p0.1": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.1), {}),
+    # the three single changes that each gained ~1% at seed 0 (p0.1, density-aware lr, row balance), together
+    "new-combo": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.1,
+                               slot_lr="density", balance="row"), {}),
+    "new-p0.05": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.05), {}),
+    "new-p0.2": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.2), {}),
 }
 
 
@@ -226,31 +243,37 @@ def running_keys(folder: Path = RUNNING) -> set[str]:
     return alive
 
 
-def launch(specs: list[dict], jobs: int, rows_path: Path = ROWS) -> None:
+def launch(specs: list[dict] | Callable[[], list[dict]], jobs: int, rows_path: Path = ROWS) -> None:
     """Run `specs` so that at most `jobs` runs (of any driver) are alive, one 1-thread subprocess each.
 
     Each run appends its own result line and keeps a pid file while alive, so a driver can be stopped and
-    restarted (with a new queue) without losing or duplicating runs in flight.
+    restarted (with a new queue) without losing or duplicating runs in flight. `specs` may be a function
+    returning the current ordered list (the `queue` command re-reads its plan file at every poll).
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
+    current = specs if callable(specs) else (lambda: specs)
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending, started = list(specs), {}
-    while pending or started:
+    started: dict[str, tuple[dict, float]] = {}
+    failed: set[str] = set()  # not retried by this driver
+    while True:
         alive = running_keys()
         done = {r["key"] for r in load_rows(rows_path)}
-        pending = [s for s in pending if s["key"] not in done and s["key"] not in alive]
         for key in [k for k in started if k not in alive]:
             spec, t0 = started.pop(key)
             row = next((r for r in load_rows(rows_path) if r["key"] == key), None)
             if row is None:
+                failed.add(key)
                 print(f"FAILED {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: see {logs / (key + '.log')}",
                       flush=True)
             else:
                 print(f"done  {spec['setting']} {spec['method']} seed {spec['seed']} lr {spec['lr']:g}: wiki "
                       f"{row['wiki_ppl']:.2f} news {row['news_ppl']:.2f} ({(time.perf_counter() - t0) / 60:.1f} min)",
                       flush=True)
+        pending = [s for s in current() if s["key"] not in done | alive | failed]
+        if not pending and not started:
+            return
         while pending and len(alive) < jobs:
             spec = pending.pop(0)
             log = open(logs / f"{spec['key']}.log", "w")  # noqa: SIM115 (the child owns it)
@@ -284,30 +307,61 @@ def wait_for_pid_file(key: str, folder: Path = RUNNING, timeout: float = 60.0) -
         time.sleep(0.5)
 
 
-def cmd_run(args) -> None:
-    rows = load_rows(args.rows)
-    done = {r["key"] for r in rows}
-    model = prune_setting(args.setting, args.calib)
+def make_specs(args, setting: str, methods: str, lrs: str, seeds: str, rows: list[dict]) -> list[dict]:
+    """The run specs of one block (setting x methods x lrs x seeds), finished ones included."""
+    model = prune_setting(setting, args.calib)
     specs = []
-    for method in args.methods.split(","):
+    for method in methods.split(","):
         finetune_method, adapter, train = resolved(method)
-        if args.lrs == "best":
-            lr = best_lr(rows, args.lr_from or args.setting, method, args.steps)
+        if lrs == "best":
+            lr = best_lr(rows, getattr(args, "lr_from", None) or setting, method, args.steps)
             if lr is None:
-                raise SystemExit(f"no seed-0 grid of {method} on {args.lr_from or args.setting} to take the lr from")
-            lrs = [lr]
+                raise SystemExit(f"no seed-0 grid of {method} on {getattr(args, 'lr_from', None) or setting} "
+                                 "to take the lr from")
+            lr_list = [lr]
         else:
-            lrs = [float(x) for x in args.lrs.split(",")]
-        for lr in lrs:
-            for seed in (int(s) for s in args.seeds.split(",")):
-                spec = dict(setting=args.setting, method=method, finetune_method=finetune_method, adapter=adapter,
+            lr_list = [float(x) for x in lrs.split(",")]
+        for lr in lr_list:
+            for seed in (int(s) for s in seeds.split(",")):
+                spec = dict(setting=setting, method=method, finetune_method=finetune_method, adapter=adapter,
                             train=train, seed=seed, lr=lr, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
                             model=str(model), eval_windows=args.eval_windows, calib=args.calib)
                 spec["key"] = run_key(spec)
-                if spec["key"] not in done:
-                    specs.append(spec)
+                specs.append(spec)
+    return specs
+
+
+def cmd_run(args) -> None:
+    rows = load_rows(args.rows)
+    done = {r["key"] for r in rows}
+    specs = [s for s in make_specs(args, args.setting, args.methods, args.lrs, args.seeds, rows)
+             if s["key"] not in done]
     print(f"{len(specs)} run(s) to do", flush=True)
     launch(specs, args.jobs, args.rows)
+
+
+def plan_specs(args) -> list[dict]:
+    """The plan file's blocks in file order; a line is `SETTING METHODS LRS SEEDS` (as `run` takes them),
+    `#` starts a comment. Re-read at every poll, so lines can be added, reordered or removed while it runs."""
+    rows = load_rows(args.rows)
+    specs = []
+    for line in args.plan.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 4 or parts[0] not in SETTINGS:
+            print(f"skipping plan line {line!r}: want SETTING METHODS LRS SEEDS", flush=True)
+            continue
+        try:
+            specs += make_specs(args, *parts, rows)
+        except SystemExit as exc:  # e.g. `best` before the grid is done: wait for it
+            print(f"plan line {line!r} not ready: {exc}", flush=True)
+    return specs
+
+
+def cmd_queue(args) -> None:
+    launch(lambda: plan_specs(args), args.jobs, args.rows)
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -345,6 +399,13 @@ def main() -> None:
     run.add_argument("--calib", type=int, default=128, help="calibration windows of the pruned checkpoint")
     run.add_argument("--jobs", type=int, default=2)
     run.add_argument("--rows", type=Path, default=ROWS, help="the results file (JSON lines) to append to")
+    queue = sub.add_parser("queue", help="run the blocks of a plan file in order, re-reading it at every poll "
+                                         "(lines: SETTING METHODS LRS SEEDS); ends when all are done")
+    queue.add_argument("plan", type=Path)
+    for flag, kind, default in (("--steps", int, 300), ("--batch", int, 2), ("--seq-len", int, 128),
+                                ("--eval-windows", int, 128), ("--calib", int, 128), ("--jobs", int, 2)):
+        queue.add_argument(flag, type=kind, default=default)
+    queue.add_argument("--rows", type=Path, default=ROWS)
     one = sub.add_parser("one", help=argparse.SUPPRESS)
     one.add_argument("spec")
     one.add_argument("--rows", type=Path, default=ROWS)
@@ -356,6 +417,8 @@ def main() -> None:
         run_and_append(json.loads(args.spec), one_run, RUNNING, args.rows)
     elif args.cmd == "run":
         cmd_run(args)
+    elif args.cmd == "queue":
+        cmd_queue(args)
     else:
         cmd_table(args)
 

@@ -106,10 +106,17 @@ def verdict(summary: list[dict], seft: str = "seft-new", rival: str = "masked-lo
     return lines
 
 
+def _is_variant_of(method: str, reference: str) -> bool:
+    """Ablation rows: `abl-*` (and seft-new, static) change seft-old; `new-*` change seft-new."""
+    if reference == "seft-new":
+        return method.startswith("new-")
+    return method.startswith("abl-") or method in ("seft-new", "static", "static-reselect")
+
+
 def ablation_table(rows: list[dict], reference: str = "seft-old") -> list[str]:
-    """Single-change variants of seft-old on each setting, at seft-old's best lr, every seed run."""
+    """Single-change variants of `reference` on each setting, at its best lr, every seed run."""
     best = best_lrs(rows)
-    lines = ["| setting | variant | lr | seeds | wiki ppl | Δ wiki vs seft-old | news ppl | updates | replaced | "
+    lines = [f"| setting | variant | lr | seeds | wiki ppl | Δ wiki vs {reference} | news ppl | updates | replaced | "
              "dropped young (share) | revived | loss jump after update | grad-norm jump |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setting in sorted({r["setting"] for r in rows}, key=_order):
@@ -119,8 +126,7 @@ def ablation_table(rows: list[dict], reference: str = "seft-old") -> list[str]:
         ref = _mean_std([r["wiki_ppl"] for r in _at_best(rows, setting, reference, lr)
                          if r["seed"] == 0])[0]
         variants = [reference] + sorted({r["method"] for r in rows if r["setting"] == setting and
-                                         (r["method"].startswith("abl-") or r["method"] in ("seft-new", "static",
-                                                                                            "static-reselect"))})
+                                         _is_variant_of(r["method"], reference)})
         for method in variants:
             rs = [r for r in rows if r["setting"] == setting and r["method"] == method and r["lr"] == lr]
             if not rs:
@@ -235,6 +241,8 @@ def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
         "`dropped young` = dropped slots that were grown at the previous update or later (churn); `loss jump` / "
         "`grad-norm jump` = mean over updates of (3 steps after) - (3 steps before).", "",
         *ablation_table(rows), "",
+        "## Changes to seft-new (single changes, seft-new's best lr)", "",
+        *ablation_table(rows, "seft-new"), "",
         f"Churn figure: `{stem.name}_churn.png` (share of dropped slots that were young, per variant, with wiki ppl).",
         "",
     ]
