@@ -54,9 +54,12 @@ SETTINGS = {
 # The SEFT configuration before this study (the SeftConfig defaults of stop 10), pinned field by field,
 # except the schedule, which the study sets for every SEFT variant (15 updates that replace slots in 300 steps).
 SCHEDULE = dict(update_interval=15, stat_window=4, evolve_until=0.8)  # updates at 15..225 replace slots (p > 0): 15
+# Study options added after the first rows, at the values that change nothing: pinned in OLD, but left out of a
+# run's key at these values, so rows run before the options existed keep their keys (and are not run again).
+NEUTRAL = dict(drop_values="discard", drop_score="value", slot_lr="plain", slot_lr_power=-1.0, balance="none")
 OLD = dict(initial_replace_fraction=0.3, schedule="cosine", revive_fraction=0.1, sensitivity="taylor",
            growth="gradient", regrow_warmup=10, init="random", protect_updates=0, regrow_moments="seeded",
-           **SCHEDULE)
+           **SCHEDULE, **NEUTRAL)
 
 # name -> (seft finetune method, adapter overrides, train overrides)
 METHODS: dict[str, tuple[str, dict, dict]] = {
@@ -109,8 +112,9 @@ def resolved(method: str) -> tuple[str, dict, dict]:
 
 
 def run_key(spec: dict) -> str:
-    fields = {k: spec[k] for k in ("setting", "method", "finetune_method", "adapter", "train", "seed", "lr", "steps",
-                                   "batch", "seq_len")}
+    fields = {k: spec[k] for k in ("setting", "method", "finetune_method", "train", "seed", "lr", "steps", "batch",
+                                   "seq_len")}
+    fields["adapter"] = {k: v for k, v in spec["adapter"].items() if NEUTRAL.get(k, object()) != v}
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
