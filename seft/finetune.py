@@ -5,8 +5,10 @@ with `Trainer` (+ `SeftCallback` for the SEFT methods) -> write the adapter,
 optionally the merged sparse model, and `train_report.json`.
 
 Methods (same data, steps and trainable-parameter budget `adapter.lora_rank`):
-  seft           SEFT with the spec's defaults (DESIGN.md §1)
-  seft-norevive  SEFT with revival off (`revive_fraction = 0`)
+  seft           SEFT with SeftConfig's defaults (DESIGN.md §1, five of them set
+                 by benchmarks/results/repair_study.md)
+  seft-norevive  SEFT with revival forced off (`revive_fraction = 0`, the
+                 default now; the method overrides an adapter config that sets it)
   static         the SEFT delta with evolution off (fixed random slots)
   masked-lora    LoRA times the base mask (SQFT-style), merged sparse
   lora-reprune   dense LoRA, merged, re-pruned by Wanda to the base sparsity (LoRA*)

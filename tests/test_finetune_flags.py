@@ -14,8 +14,10 @@ SAMPLES = {
     "density": ("0.01", 0.01), "update_interval": ("10", 10), "stat_window": ("2", 2),
     "initial_replace_fraction": ("0.2", 0.2), "schedule": ("linear", "linear"), "evolve_until": ("0.5", 0.5),
     "revive_fraction": ("0.2", 0.2), "sensitivity": ("magnitude", "magnitude"), "growth": ("normalized", "normalized"),
-    "regrow_warmup": ("3", 3), "protect_updates": ("1", 1), "init": ("reselect", "reselect"),
+    "regrow_warmup": ("3", 3), "protect_updates": ("2", 2), "init": ("reselect", "reselect"),
     "regrow_moments": ("zero", "zero"), "candidates": ("5", 5), "seed": ("3", 3), "kernel": ("dense", "dense"),
+    "drop_values": ("fold", "fold"), "drop_score": ("momentum", "momentum"), "slot_lr": ("channel", "channel"),
+    "slot_lr_power": ("0.5", 0.5), "balance": ("none", "none"),
 }
 FLAG = {"seed": "--slot-seed"}
 

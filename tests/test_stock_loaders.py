@@ -39,8 +39,11 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("stock")
     prune_tiny(build_tiny_model()).save_pretrained(root / "base")
     base = AutoModelForCausalLM.from_pretrained(root / "base")
+    # the spec's replacement (30% at the first update, free across rows): enough revivals for every layer to
+    # have several removed positions
     pm = peft.get_peft_model(base, seft.SeftConfig(lora_rank=2, update_interval=3, stat_window=2,
-                                                   evolve_until=1.0, revive_fraction=0.5, regrow_warmup=2))
+                                                   evolve_until=1.0, revive_fraction=0.5, regrow_warmup=2,
+                                                   initial_replace_fraction=0.3, balance="none"))
     optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     train_loop(pm, optimizer, 9, TINY_VOCAB)
     pm.save_pretrained(root / "adapter")

@@ -90,7 +90,7 @@ def test_static_with_reselect_keeps_gradient_slots_fixed():
 
 def test_young_slots_exempt_and_churn_counted():
     cfg = dict(update_interval=3, stat_window=2, evolve_until=1.0, initial_replace_fraction=0.5, regrow_warmup=2)
-    plain, opt = _model(**cfg)
+    plain, opt = _model(protect_updates=0, **cfg)  # (protection is the default since the repair study)
     young = _steps(plain, opt, range(1, 7), total=12)[6]["seft/dropped_young"]
     assert young > 0  # slots regrown at step 3 are the smallest at step 6: dropped again (churn)
     protected, opt = _model(protect_updates=1, **cfg)
@@ -138,7 +138,8 @@ def _step_without_update(pm, opt, step, total, x):
 def test_drop_score_momentum_drops_the_smallest_exp_avg():
     """`drop_score: momentum`: the dropped slots are those with the smallest |exp_avg| at the update."""
     for score in ("momentum", "value"):
-        pm, opt = _model(update_interval=3, stat_window=1, evolve_until=1.0, revive_fraction=0.0, drop_score=score)
+        pm, opt = _model(update_interval=3, stat_window=1, evolve_until=1.0, revive_fraction=0.0, drop_score=score,
+                         balance="none")  # row balance keeps some of a row's smallest: the plain rule here
         layer = next(iter(pm.seft_layers().values()))
         _steps(pm, opt, [1, 2], total=12)
         _step_without_update(pm, opt, 3, 12, batches(TINY_VOCAB, 3, seed=3)[2])
@@ -185,7 +186,7 @@ def test_fold_keeps_the_function_across_an_update():
 def test_slot_lr_channel_scales_each_slots_step_by_its_channel():
     """`slot_lr: channel`: the applied update of each slot is Adam's times mean RMS / RMS of its input channel."""
     cfg = dict(update_interval=50, evolve_until=0.0, regrow_warmup=0)
-    plain, opt_p = _model(**cfg)
+    plain, opt_p = _model(slot_lr="plain", **cfg)
     chan, opt_c = _model(slot_lr="channel", **cfg)
     _steps(plain, opt_p, [1], total=50)
     _steps(chan, opt_c, [1], total=50)
@@ -222,7 +223,7 @@ def test_density_lr_scale_follows_slots_per_row():
 
 def test_slot_lr_density_scales_each_layers_step():
     cfg = dict(update_interval=50, evolve_until=0.0, regrow_warmup=0)
-    plain, opt_p = _model(**cfg)
+    plain, opt_p = _model(slot_lr="plain", **cfg)
     dens, opt_d = _model(slot_lr="density", **cfg)
     _steps(plain, opt_p, [1], total=50)
     _steps(dens, opt_d, [1], total=50)

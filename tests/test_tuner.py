@@ -324,7 +324,8 @@ def _slots_on_channel0(growth: str) -> tuple[int, int]:
         for layer in model.model.layers:  # the norms feeding q/k/v and gate/up: channel 0 comes out 30x larger
             layer.input_layernorm.weight[0] *= 30
             layer.post_attention_layernorm.weight[0] *= 30
-    pm = _adapt(model, **_evolving(revive_fraction=0.0, growth=growth))
+    # the spec's replacement (30% at the first update, free across rows) shows the pile-up most clearly
+    pm = _adapt(model, **_evolving(revive_fraction=0.0, growth=growth, initial_replace_fraction=0.3, balance="none"))
     train_loop(pm, torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2), 9, TINY_VOCAB)
     on, total = 0, 0
     for name, layer in pm.base_model.seft_layers().items():
