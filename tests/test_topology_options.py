@@ -183,13 +183,17 @@ def test_fold_keeps_the_function_across_an_update():
     assert jumps["fold"] < 1e-5 < jumps["discard"]
 
 
+def _first_step(slot_lr: str):
+    """The model after one optimizer step from zero deltas with `slot_lr` (no topology update, no warm-up):
+    its slot values are the applied update itself."""
+    pm, opt = _model(slot_lr=slot_lr, update_interval=50, evolve_until=0.0, regrow_warmup=0)
+    _steps(pm, opt, [1], total=50)
+    return pm
+
+
 def test_slot_lr_channel_scales_each_slots_step_by_its_channel():
     """`slot_lr: channel`: the applied update of each slot is Adam's times mean RMS / RMS of its input channel."""
-    cfg = dict(update_interval=50, evolve_until=0.0, regrow_warmup=0)
-    plain, opt_p = _model(slot_lr="plain", **cfg)
-    chan, opt_c = _model(slot_lr="channel", **cfg)
-    _steps(plain, opt_p, [1], total=50)
-    _steps(chan, opt_c, [1], total=50)
+    plain, chan = _first_step("plain"), _first_step("channel")
     for (name, lp), lc in zip(plain.seft_layers().items(), chan.seft_layers().values()):
         vp, vc = lp.seft_values["default"].detach(), lc.seft_values["default"].detach()
         cols = lc.seft_indices["default"].long() % lc.in_features
@@ -222,11 +226,7 @@ def test_density_lr_scale_follows_slots_per_row():
 
 
 def test_slot_lr_density_scales_each_layers_step():
-    cfg = dict(update_interval=50, evolve_until=0.0, regrow_warmup=0)
-    plain, opt_p = _model(slot_lr="plain", **cfg)
-    dens, opt_d = _model(slot_lr="density", **cfg)
-    _steps(plain, opt_p, [1], total=50)
-    _steps(dens, opt_d, [1], total=50)
+    plain, dens = _first_step("plain"), _first_step("density")
     layers = list(dens.seft_layers().values())
     factors = T.density_lr_scale([la.seft_meta["default"].k for la in layers], [la.out_features for la in layers])
     assert len(set(round(f, 6) for f in factors)) > 1  # the tiny model's layers differ in slots per row

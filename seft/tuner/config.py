@@ -155,31 +155,16 @@ class SeftConfig(PeftConfig):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise SeftError(f"{name} must be in [0, 1], got {value}")
-        if self.schedule not in SCHEDULES:
-            raise SeftError(f"unknown schedule {self.schedule!r}; {choices_hint(self.schedule, SCHEDULES)}")
-        if self.sensitivity not in SENSITIVITIES:
-            raise SeftError(f"unknown sensitivity {self.sensitivity!r}; {choices_hint(self.sensitivity, SENSITIVITIES)}")
-        if self.growth not in GROWTHS:
-            raise SeftError(f"unknown growth {self.growth!r}; {choices_hint(self.growth, GROWTHS)}")
-        if self.kernel not in KERNELS:
-            raise SeftError(f"unknown kernel {self.kernel!r}; {choices_hint(self.kernel, KERNELS)}")
-        if int(self.regrow_warmup) < 0:
-            raise SeftError(f"regrow_warmup must be >= 0, got {self.regrow_warmup}")
-        if int(self.protect_updates) < 0:
-            raise SeftError(f"protect_updates must be >= 0, got {self.protect_updates}")
-        if self.init not in INITS:
-            raise SeftError(f"unknown init {self.init!r}; {choices_hint(self.init, INITS)}")
-        if self.regrow_moments not in REGROW_MOMENTS:
-            raise SeftError(f"unknown regrow_moments {self.regrow_moments!r}; "
-                            f"{choices_hint(self.regrow_moments, REGROW_MOMENTS)}")
-        if self.drop_values not in DROP_VALUES:
-            raise SeftError(f"unknown drop_values {self.drop_values!r}; {choices_hint(self.drop_values, DROP_VALUES)}")
-        if self.drop_score not in DROP_SCORES:
-            raise SeftError(f"unknown drop_score {self.drop_score!r}; {choices_hint(self.drop_score, DROP_SCORES)}")
-        if self.slot_lr not in SLOT_LRS:
-            raise SeftError(f"unknown slot_lr {self.slot_lr!r}; {choices_hint(self.slot_lr, SLOT_LRS)}")
-        if self.balance not in BALANCES:
-            raise SeftError(f"unknown balance {self.balance!r}; {choices_hint(self.balance, BALANCES)}")
+        for name, valid in (("schedule", SCHEDULES), ("sensitivity", SENSITIVITIES), ("growth", GROWTHS),
+                            ("kernel", KERNELS), ("init", INITS), ("regrow_moments", REGROW_MOMENTS),
+                            ("drop_values", DROP_VALUES), ("drop_score", DROP_SCORES), ("slot_lr", SLOT_LRS),
+                            ("balance", BALANCES)):
+            value = getattr(self, name)
+            if value not in valid:
+                raise SeftError(f"unknown {name} {value!r}; {choices_hint(value, valid)}")
+        for name in ("regrow_warmup", "protect_updates"):
+            if int(getattr(self, name)) < 0:
+                raise SeftError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.candidates is not None and int(self.candidates) < 1:
             raise SeftError(f"candidates must be >= 1 or None, got {self.candidates}")
         if self.removed_sizes is not None:
