@@ -97,9 +97,12 @@ METHODS: dict[str, tuple[str, dict, dict]] = {
     "new-density": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="density"), {}),
     "new-rowbal": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, balance="row"), {}),
     "new-p0.1": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.1), {}),
-    # the three single changes that each gained ~1% at seed 0 (p0.1, density-aware lr, row balance), together
+    # the three single changes that each gained ~1% at seed 0 (p0.1, density-aware lr, row balance), together:
+    # SeftConfig's defaults since this study
     "new-combo": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.1,
                                slot_lr="density", balance="row"), {}),
+    # does evolution pay once the lr is density-aware? fixed random slots with new-combo's lr rule
+    "static-density": ("static", dict(OLD, slot_lr="density"), {}),
     "new-p0.05": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.05), {}),
     "new-p0.2": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.2), {}),
 }
