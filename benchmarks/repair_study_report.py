@@ -112,7 +112,7 @@ def _is_variant_of(method: str, reference: str) -> bool:
     """Ablation rows: `abl-*` (and seft-new, static) change seft-old; `new-*` change seft-new."""
     if reference == "seft-new":
         return method.startswith("new-")
-    return method.startswith("abl-") or method in ("seft-new", "static", "static-reselect")
+    return method.startswith("abl-") or method in ("seft-new", "static", "static-reselect", "static-density")
 
 
 def ablation_table(rows: list[dict], reference: str = "seft-old") -> list[str]:
@@ -235,7 +235,9 @@ def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
         "Wanda / SparseGPT with 128 x 256-token wiki calibration windows. SEFT schedule for every SEFT "
         "variant: update_interval 15, stat_window 4, evolve_until 0.8 (15 topology updates that replace slots, at steps 15..225). Each method at "
         "its best learning rate on the seed-0 grid below (judged on wiki only; news is never used to choose); "
-        "mean ± sample std over the seeds listed. Two runs at a time, one thread each, on 2 CPU cores.", "",
+        "mean ± sample std over the seeds listed. Two runs at a time, one thread each, on 2 CPU cores; "
+        "s/step (median over seeds) depends on what else ran beside a run (another run, sometimes tests): a load "
+        "indicator, not a speed comparison (benchmarks/results/train_speed.md measures speed).", "",
         "## Main table", "", *main, "",
         f"`{FINAL}` is SEFT with SeftConfig's defaults since this study (seft-old + no revival + regrown slots "
         "protected for one update + 10% replaced at the first update + density-aware lr + row-balanced swaps); "
