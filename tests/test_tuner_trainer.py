@@ -79,8 +79,9 @@ def test_smollm2_wanda50_seft_repairs(smollm2_wanda50, tmp_path):
     before = {n: int((w != 0).sum()) for n, w in proj_weights(model).items()}
     pruned = perplexity(model, tok, "wiki", seq_len=256, max_windows=32, progress=False)
     print(f"\nSEFT-INTEGRATION pruned ppl {pruned.perplexity:.3f} in {pruned.seconds:.1f}s", flush=True)
+    # revival on (off by default since the repair study): the revive + re-prune path must hold the budget at scale
     pm = peft.get_peft_model(model, seft.SeftConfig(lora_rank=8, update_interval=10, stat_window=3,
-                                                    evolve_until=0.75))
+                                                    evolve_until=0.75, revive_fraction=0.1))
     blocks = packed_blocks(tok, "wiki", 128, "train")
     steps = 40
     trainer, callback = _trainer(pm, blocks, tmp_path / "run", steps=steps, bsz=2, lr=2e-3)
