@@ -60,6 +60,8 @@ NEUTRAL = dict(drop_values="discard", drop_score="value", slot_lr="plain", slot_
 OLD = dict(initial_replace_fraction=0.3, schedule="cosine", revive_fraction=0.1, sensitivity="taylor",
            growth="gradient", regrow_warmup=10, init="random", protect_updates=0, regrow_moments="seeded",
            **SCHEDULE, **NEUTRAL)
+# seft-new: no revival, regrown slots protected for one update (the `new-*` variants change it one field at a time)
+NEW = dict(OLD, revive_fraction=0.0, protect_updates=1)
 
 # name -> (seft finetune method, adapter overrides, train overrides)
 METHODS: dict[str, tuple[str, dict, dict]] = {
@@ -68,7 +70,7 @@ METHODS: dict[str, tuple[str, dict, dict]] = {
     "static": ("static", dict(OLD), {}),
     "seft-old": ("seft", dict(OLD), {}),
     # the candidate: the single changes that helped at seed 0, lr 3e-3 (abl-norevive, abl-protect), together
-    "seft-new": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1), {}),
+    "seft-new": ("seft", dict(NEW), {}),
     # single-change ablations of seft-old (the hypotheses of the study)
     "abl-warmup0": ("seft", dict(OLD, regrow_warmup=0), {}),
     "abl-warmup2": ("seft", dict(OLD, regrow_warmup=2), {}),
@@ -86,25 +88,21 @@ METHODS: dict[str, tuple[str, dict, dict]] = {
     "abl-p0.1": ("seft", dict(OLD, initial_replace_fraction=0.1), {}),
     "static-reselect": ("static", dict(OLD, init="reselect"), {}),
     # single changes to seft-new (stop 20): what a drop does with the learned value, and what it drops
-    "new-fold": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, drop_values="fold"), {}),
-    "new-fold-mom": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, drop_values="fold",
-                                  drop_score="momentum"), {}),
-    "new-chan": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="channel"), {}),
-    "new-chan-norm": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="channel",
-                                   growth="normalized"), {}),
-    "new-rms": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="channel", slot_lr_power=1.0),
-                {}),
-    "new-density": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, slot_lr="density"), {}),
-    "new-rowbal": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, balance="row"), {}),
-    "new-p0.1": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.1), {}),
+    "new-fold": ("seft", dict(NEW, drop_values="fold"), {}),
+    "new-fold-mom": ("seft", dict(NEW, drop_values="fold", drop_score="momentum"), {}),
+    "new-chan": ("seft", dict(NEW, slot_lr="channel"), {}),
+    "new-chan-norm": ("seft", dict(NEW, slot_lr="channel", growth="normalized"), {}),
+    "new-rms": ("seft", dict(NEW, slot_lr="channel", slot_lr_power=1.0), {}),
+    "new-density": ("seft", dict(NEW, slot_lr="density"), {}),
+    "new-rowbal": ("seft", dict(NEW, balance="row"), {}),
+    "new-p0.1": ("seft", dict(NEW, initial_replace_fraction=0.1), {}),
     # the three single changes that each gained ~1% at seed 0 (p0.1, density-aware lr, row balance), together:
     # SeftConfig's defaults since this study
-    "new-combo": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.1,
-                               slot_lr="density", balance="row"), {}),
+    "new-combo": ("seft", dict(NEW, initial_replace_fraction=0.1, slot_lr="density", balance="row"), {}),
     # does evolution pay once the lr is density-aware? fixed random slots with new-combo's lr rule
     "static-density": ("static", dict(OLD, slot_lr="density"), {}),
-    "new-p0.05": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.05), {}),
-    "new-p0.2": ("seft", dict(OLD, revive_fraction=0.0, protect_updates=1, initial_replace_fraction=0.2), {}),
+    "new-p0.05": ("seft", dict(NEW, initial_replace_fraction=0.05), {}),
+    "new-p0.2": ("seft", dict(NEW, initial_replace_fraction=0.2), {}),
 }
 
 

@@ -197,6 +197,7 @@ class SeftLayer(BaseTunerLayer):
         self._seft_loading: set[str] = set()  # adapters the load pre-hook validated, for the post-hook
         self._disable_adapters = False
         self._seft_x_sq: tuple[torch.Tensor, int] | None = None  # (sum of x**2 per input channel, tokens)
+        self._seft_folded = 0  # values folded into the base weight (`drop_values: fold`): no adapter file then
         self.merged_adapters = []
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):

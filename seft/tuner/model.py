@@ -70,6 +70,7 @@ from . import topology as T
 from .config import SeftConfig
 from .layer import Linear, SeftLayer
 from .optim import check_optimizer, dequantized_moments, optimizer_step_count, reseed_moments
+from .quant import is_4bit
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +108,14 @@ def _fold_dropped(layer, weight: torch.Tensor, indices: torch.Tensor, removed: t
     if slots.numel() == 0:
         return
     base = layer.get_base_layer().weight
-    if S.is_sharded(base) or is_4bit_layer(layer):
+    if S.is_sharded(base) or is_4bit(layer.get_base_layer()):
         raise SeftError("drop_values: fold is a study option for plain (unsharded, unquantized) bases")
     pos = indices.long()[slots]
     active = T.base_active_mask(weight, removed)[pos]
     new = weight[pos] + values[slots].to(weight.dtype)
     ok = active & (new != 0)
     base.data.view(-1)[pos[ok]] = new[ok]
-    layer._seft_folded = getattr(layer, "_seft_folded", 0) + int(ok.sum())
-
-
-def is_4bit_layer(layer) -> bool:
-    from .quant import is_4bit
-
-    return is_4bit(layer.get_base_layer())
+    layer._seft_folded += int(ok.sum())
 
 
 class SeftModel(BaseTuner):
@@ -187,7 +182,7 @@ class SeftModel(BaseTuner):
         (the gathers are collectives) and only one write (`is_main_process`; seft.distributed.save_pretrained).
         """
         if getattr(config, "drop_values", "discard") == "fold" and any(
-                getattr(m, "_seft_folded", 0) for m in model.modules() if isinstance(m, Linear)):
+                m._seft_folded for m in model.modules() if isinstance(m, Linear)):
             raise SeftError("this SEFT adapter folded dropped values into the base weights (drop_values: fold, a "
                             "study option), which the adapter file cannot carry; save the merged model instead "
                             "(merge_and_unload)")

@@ -226,10 +226,16 @@ def drop_slots(values: torch.Tensor, r: int, protect: torch.Tensor | None = None
     """
     if r <= 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
+    return torch.topk(drop_order(values, protect), r, largest=False, sorted=False).indices
+
+
+def drop_order(values: torch.Tensor, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Per slot, the key that `drop_slots` drops smallest-first: |value|, with `protect`ed slots after every
+    unprotected one (in |value| order among themselves)."""
     score = values.detach().abs().float()
     if protect is not None and bool(protect.any()):
-        score = torch.where(protect, score + score.max() + 1.0, score)  # after every unprotected slot, in |value| order
-    return torch.topk(score, r, largest=False, sorted=False).indices
+        score = torch.where(protect, score + score.max() + 1.0, score)
+    return score
 
 
 def choose_growth(score: torch.Tensor, is_revival: torch.Tensor, r: int, max_revivals: int) -> torch.Tensor:
@@ -277,9 +283,7 @@ def row_balanced_swap(drop_by: torch.Tensor, protect: torch.Tensor | None, slot_
     chosen = order[by_row[take]]
     granted = torch.bincount(cand_rows[chosen], minlength=n_rows)
     # keep only `granted[row]` of each row's dropped slots: those first in drop order (smallest score)
-    score = drop_by.detach().abs().float()[dropped]
-    if protect is not None:
-        score = torch.where(protect[dropped], score + score.max() + 1.0, score)
+    score = drop_order(drop_by, protect)[dropped]
     d_rows = slot_rows[dropped]
     by_score = torch.argsort(score, stable=True)
     regroup = torch.argsort(d_rows[by_score], stable=True)
