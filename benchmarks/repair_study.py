@@ -349,6 +349,7 @@ def plan_specs(args) -> list[dict]:
     """The plan file's blocks in file order; a line is `SETTING METHODS LRS SEEDS` (as `run` takes them),
     `#` starts a comment. Re-read at every poll, so lines can be added, reordered or removed while it runs."""
     rows = load_rows(args.rows)
+    done = {r["key"] for r in rows}
     specs = []
     for line in args.plan.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -358,11 +359,23 @@ def plan_specs(args) -> list[dict]:
         if len(parts) != 4 or parts[0] not in SETTINGS:
             print(f"skipping plan line {line!r}: want SETTING METHODS LRS SEEDS", flush=True)
             continue
+        if parts[2] == "best" and (open_grid := grid_unfinished(specs, done, parts[0], parts[1].split(","))):
+            print(f"plan line {line!r} not ready: its seed-0 grid has {open_grid} run(s) to finish", flush=True)
+            continue
         try:
             specs += make_specs(args, *parts, rows)
         except SystemExit as exc:  # e.g. `best` before the grid is done: wait for it
             print(f"plan line {line!r} not ready: {exc}", flush=True)
     return specs
+
+
+def grid_unfinished(specs: list[dict], done: set[str], setting: str, methods: list[str]) -> int:
+    """How many of the plan's seed-0 runs of `methods` on `setting` (in `specs`, the earlier lines) are not done.
+
+    A `best` line must wait for all of them: taken from a half-finished grid, the
+    lr could be the best of the points run so far, not of the grid."""
+    return sum(1 for s in specs if s["setting"] == setting and s["method"] in methods and s["seed"] == 0
+               and s["key"] not in done)
 
 
 def cmd_queue(args) -> None:

@@ -53,3 +53,26 @@ def test_ablation_delta_is_paired_by_seed():
     lines = {line.split(" | ")[1]: line for line in ablation_table(rows, "seft-new")[2:]}
     assert "| -10.0% |" in lines["new-combo"]  # against seed 0 alone its mean (150) would read +50%
     assert "| +10.0% |" in lines["new-p0.1"] and "| +0.0% |" in lines["seft-new"]
+
+
+def test_queue_takes_best_lr_only_from_a_finished_grid(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    monkeypatch.setattr(repair_study, "prune_setting", lambda name, calib: tmp_path / name)  # no pruning here
+    plan, rows_path = tmp_path / "plan.txt", tmp_path / "rows.jsonl"
+    plan.write_text("wanda50 masked-lora 1e-3,3e-3 0\nwanda50 masked-lora best 1\n")
+    rows_path.write_text("")
+    args = argparse.Namespace(plan=plan, rows=rows_path, calib=128, steps=300, batch=2, seq_len=128,
+                              eval_windows=128, lr_from=None)
+
+    def finish(spec: dict, wiki: float) -> None:
+        with rows_path.open("a") as fh:
+            fh.write(json.dumps(dict(spec, wiki_ppl=wiki)) + "\n")
+
+    grid = repair_study.plan_specs(args)
+    assert [(s["lr"], s["seed"]) for s in grid] == [(1e-3, 0), (3e-3, 0)]  # the best line waits
+    finish(grid[1], 90.0)  # 3e-3 done, 1e-3 still running: 3e-3 is best so far, but the grid is not finished
+    assert [(s["lr"], s["seed"]) for s in repair_study.plan_specs(args)] == [(1e-3, 0), (3e-3, 0)]
+    finish(grid[0], 80.0)
+    assert [(s["lr"], s["seed"]) for s in repair_study.plan_specs(args)][2:] == [(1e-3, 1)]
