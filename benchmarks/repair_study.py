@@ -4,6 +4,7 @@
     python benchmarks/repair_study.py run --setting wanda70 --methods seft-old,masked-lora \\
         --lrs 1e-3,3e-3,1e-2,3e-2 --seeds 0
     python benchmarks/repair_study.py run --setting wanda70 --methods masked-lora --lrs best --seeds 1,2
+    python benchmarks/repair_study.py refs           # dense and pruned models before repair (same protocol)
     python benchmarks/repair_study.py table          # rewrite repair_study.md / .json / .png from the rows
 
 Every run: prune once per setting (wiki calibration, 128 x 256 tokens, seed 0,
@@ -42,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS = RESULTS / "repair_study.jsonl"
+REFS = RESULTS / "repair_study_refs.json"  # dense and pruned models before repair, same protocol
 WORK = ROOT / "out" / "repair-study"
 
 SETTINGS = {
@@ -398,7 +400,25 @@ def cmd_table(args) -> None:
     # (the report writer lives in repair_study_report.py; this file is about running)
     from repair_study_report import write_report
 
-    write_report(load_rows(args.rows), RESULTS / "repair_study", note=args.note)
+    refs = json.loads(REFS.read_text()) if REFS.exists() else {}
+    write_report(load_rows(args.rows), RESULTS / "repair_study", note=args.note, refs=refs)
+
+
+def cmd_refs(args) -> None:
+    """Score the dense model and each setting's pruned checkpoint, unrepaired, by the runs' protocol: what the
+    repair starts from (pruned) and what it aims at (dense). Rewrites REFS; one thread, ~2 min per model."""
+    from seft.models import load_model
+
+    refs = json.loads(REFS.read_text()) if REFS.exists() else {}
+    for name in args.settings.split(","):
+        if name != "dense" and name not in SETTINGS:
+            raise SystemExit(f"unknown setting {name!r}; valid: dense, {', '.join(SETTINGS)}")
+        model, tok = load_model("smollm2-135m" if name == "dense" else str(prune_setting(name, args.calib)))
+        refs[name] = {**held_out(model, tok, args.eval_windows), "calib": None if name == "dense" else args.calib}
+        print(f"{name}: wiki {refs[name]['wiki_ppl']:.2f} news {refs[name]['news_ppl']:.2f}", flush=True)
+        tmp = REFS.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(refs, indent=1, sort_keys=True) + "\n")
+        tmp.replace(REFS)
 
 
 def main() -> None:
@@ -430,8 +450,15 @@ def main() -> None:
     table = sub.add_parser("table", help="rewrite repair_study.md/.json/.png from repair_study.jsonl")
     table.add_argument("--note", default="", help="a status paragraph under the title")
     table.add_argument("--rows", type=Path, default=ROWS)
+    refs = sub.add_parser("refs", help=f"score the dense and the pruned models before repair into {REFS.name}")
+    refs.add_argument("--settings", default="dense," + ",".join(SETTINGS),
+                      help="comma list of: dense, " + ", ".join(SETTINGS))
+    refs.add_argument("--eval-windows", type=int, default=128)
+    refs.add_argument("--calib", type=int, default=128)
     args = p.parse_args()
-    if args.cmd == "one":
+    if args.cmd == "refs":
+        cmd_refs(args)
+    elif args.cmd == "one":
         run_and_append(json.loads(args.spec), one_run, RUNNING, args.rows)
     elif args.cmd == "run":
         cmd_run(args)

@@ -218,7 +218,18 @@ def plot_churn(rows: list[dict], path: Path, reference: str = "seft-old") -> Non
     plt.close(fig)
 
 
-def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
+def refs_table(refs: dict[str, dict]) -> list[str]:
+    """Dense and pruned models before repair, by the runs' protocol (`repair_study.py refs`)."""
+    if not refs:
+        return ["(not scored yet: `python benchmarks/repair_study.py refs`)"]
+    lines = ["| model | wiki ppl | news ppl |", "|---|---:|---:|"]
+    for name in sorted(refs, key=lambda n: (n != "dense", _order(n))):
+        lines.append(f"| {name if name == 'dense' else name + ', no repair'} | {refs[name]['wiki_ppl']:.2f} | "
+                     f"{refs[name]['news_ppl']:.2f} |")
+    return lines
+
+
+def write_report(rows: list[dict], stem: Path, note: str = "", refs: dict[str, dict] | None = None) -> None:
     if not rows:
         raise SystemExit("no rows yet")
     methods = [m for m in HEADLINE if any(r["method"] == m for r in rows)]
@@ -239,6 +250,9 @@ def write_report(rows: list[dict], stem: Path, note: str = "") -> None:
         "s/step (median over seeds) depends on what else ran beside a run (another run, sometimes tests): a load "
         "indicator, not a speed comparison (benchmarks/results/train_speed.md measures speed).", "",
         "## Main table", "", *main, "",
+        "Before repair (same protocol; the runs fine-tune on wiki train text, so a repaired model can score "
+        "below the dense one on held-out wiki, a domain effect news does not share):", "",
+        *refs_table(refs or {}), "",
         f"`{FINAL}` is SEFT with SeftConfig's defaults since this study (seft-old + no revival + regrown slots "
         "protected for one update + 10% replaced at the first update + density-aware lr + row-balanced swaps); "
         "`seft-old` pins the defaults before it (30%, revival 0.1, no protection, plain lr, free swaps); "

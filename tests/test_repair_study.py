@@ -76,3 +76,15 @@ def test_queue_takes_best_lr_only_from_a_finished_grid(tmp_path, monkeypatch):
     assert [(s["lr"], s["seed"]) for s in repair_study.plan_specs(args)] == [(1e-3, 0), (3e-3, 0)]
     finish(grid[0], 80.0)
     assert [(s["lr"], s["seed"]) for s in repair_study.plan_specs(args)][2:] == [(1e-3, 1)]
+
+
+def test_report_lists_the_models_before_repair(tmp_path):
+    from repair_study_report import write_report
+
+    rows = [dict(_row("masked-lora", 0, 98.0), steps=300, batch=2, seq_len=128)]
+    refs = {"wanda70": {"wiki_ppl": 400.0, "news_ppl": 600.0}, "dense": {"wiki_ppl": 30.0, "news_ppl": 50.0}}
+    write_report(rows, tmp_path / "r", refs=refs)
+    text = (tmp_path / "r.md").read_text()
+    assert "| dense | 30.00 | 50.00 |\n| wanda70, no repair | 400.00 | 600.00 |" in text
+    write_report(rows, tmp_path / "r")
+    assert "not scored yet" in (tmp_path / "r.md").read_text()
