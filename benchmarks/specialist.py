@@ -25,8 +25,9 @@ Resumable: a run is keyed by a hash of everything that defines it; finished keys
 appends its own line under a file lock and keeps a pid file while alive, so drivers can be restarted.
 Runs (and the pruning) are subprocesses with `--threads` threads (default 1), `--jobs` at a time; the
 driver itself imports no torch.
-SEFT's settings are pinned field by field (repair_study.OLD, the schedule scaled to `--steps`): a later
-change of the library's defaults cannot silently change a row.
+SEFT's settings are pinned field by field: `seft` is the repair study's final configuration
+(repair_study's `new-combo`, today's SeftConfig defaults), `static` its fixed-slot baseline, each with the
+schedule scaled to `--steps`; a later change of the library's defaults cannot silently change a row.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_study import OLD, load_rows, run_and_append, running_keys, wait_for_pid_file  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
+from repair_study import METHODS as STUDY, load_rows, run_and_append, running_keys, wait_for_pid_file  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,8 +59,8 @@ SETTINGS: dict[str, dict | None] = {
 }
 # name -> (seft finetune method, pinned adapter fields)
 METHODS: dict[str, tuple[str, dict]] = {
-    "seft": ("seft", dict(OLD)),
-    "static": ("static", dict(OLD)),
+    "seft": ("seft", dict(STUDY["new-combo"][1])),  # the configuration the repair study set as the defaults
+    "static": ("static", dict(STUDY["static"][1])),
     "masked-lora": ("masked-lora", {}),
     "lora-reprune": ("lora-reprune", {}),
     "lora": ("lora", {}),  # dense + LoRA: the ceiling, on the dense model only

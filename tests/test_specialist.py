@@ -178,3 +178,20 @@ def test_benchmark_plan_skips_finished_runs_and_picks_lr_on_validation(tmp_path)
     assert "| dense + LoRA (dense ceiling) | 0.0001 | 3 |" in md and "0.600 ± 0.100" in md
     assert (tmp_path / "out" / "specialist.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "specialist.json").read_text())[1]["method"] == "lora"
+
+
+def test_specialist_seft_is_the_repair_studys_final_configuration():
+    """The specialist's `seft` rows run SEFT as the repair study left it (`new-combo`, which set SeftConfig's
+    defaults), pinned field by field: not the pre-study defaults, and not whatever the library's defaults become."""
+    from seft.tuner.config import SeftConfig
+
+    bench = _bench()
+    import repair_study
+
+    _, adapter = bench.METHODS["seft"]
+    assert adapter == repair_study.METHODS["new-combo"][1]
+    schedule = set(repair_study.SCHEDULE)  # the study's schedule for 300 steps; the benchmark scales it to --steps
+    defaults = SeftConfig()
+    assert {f: getattr(defaults, f) for f in adapter if f not in schedule} == \
+        {f: v for f, v in adapter.items() if f not in schedule}
+    assert adapter != repair_study.OLD
