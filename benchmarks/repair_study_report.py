@@ -91,7 +91,7 @@ def main_table(rows: list[dict], methods: list[str]) -> tuple[list[str], list[di
 
 
 def verdict(summary: list[dict], seft: str = FINAL, rival: str = "masked-lora") -> list[str]:
-    """Where SEFT stands against masked LoRA: the gap, and whether it exceeds the seed spread."""
+    """Where one method (`seft`) stands against another: the gap, and whether it exceeds the seed spread."""
     lines = [f"| setting | corpus | {seft} | {rival} | {seft} vs {rival} | beyond the seed spread? |",
              "|---|---|---:|---:|---:|---|"]
     by = {(s["setting"], s["method"]): s for s in summary}
@@ -157,20 +157,21 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
 
     settings = sorted({s["setting"] for s in summary}, key=_order)
     grid = _grid(rows)
-    fig, axes = plt.subplots(2, max(len(settings), 1), figsize=(4.3 * max(len(settings), 1), 7.5), squeeze=False)
+    fig, axes = plt.subplots(3, max(len(settings), 1), figsize=(4.3 * max(len(settings), 1), 11), squeeze=False)
     for col, setting in enumerate(settings):
-        ax = axes[0][col]
         items = [s for s in summary if s["setting"] == setting and s["method"] in HEADLINE]
         items.sort(key=lambda s: HEADLINE.index(s["method"]))
         colors = ["#d62728" if s["method"] == FINAL else "#ff9896" if s["method"].startswith("seft")
                   else "#1f77b4" for s in items]
-        ax.bar(range(len(items)), [s["wiki"] for s in items], yerr=[s["wiki_std"] or 0 for s in items],
-               color=colors, capsize=3)
-        ax.set_xticks(range(len(items)), [s["method"] for s in items], rotation=40, ha="right", fontsize=8)
-        ax.set_title(f"{setting}: held-out wiki ppl (best lr, mean ± std)")
-        lo = min((s["wiki"] for s in items), default=1)
-        ax.set_ylim(lo * 0.9, max((s["wiki"] + (s["wiki_std"] or 0) for s in items), default=2) * 1.03)
-        ax = axes[1][col]
+        for row, corpus in enumerate(("wiki", "news")):  # news: never trained on, the out-of-domain check
+            ax = axes[row][col]
+            ax.bar(range(len(items)), [s[corpus] for s in items], yerr=[s[f"{corpus}_std"] or 0 for s in items],
+                   color=colors, capsize=3)
+            ax.set_xticks(range(len(items)), [s["method"] for s in items], rotation=40, ha="right", fontsize=8)
+            ax.set_title(f"{setting}: held-out {corpus} ppl (best lr, mean ± std)")
+            lo = min((s[corpus] for s in items), default=1)
+            ax.set_ylim(lo * 0.9, max((s[corpus] + (s[f"{corpus}_std"] or 0) for s in items), default=2) * 1.03)
+        ax = axes[2][col]
         for method in HEADLINE:
             by_lr = grid.get((setting, method))
             if by_lr and len(by_lr) > 1:
@@ -250,8 +251,7 @@ def write_report(rows: list[dict], stem: Path, note: str = "", refs: dict[str, d
         "s/step (median over seeds) depends on what else ran beside a run (another run, sometimes tests): a load "
         "indicator, not a speed comparison (benchmarks/results/train_speed.md measures speed).", "",
         "## Main table", "", *main, "",
-        "Before repair (same protocol; the runs fine-tune on wiki train text, so a repaired model can score "
-        "below the dense one on held-out wiki, a domain effect news does not share):", "",
+        "Before repair (same protocol): what each repair starts from, and the dense model it aims back at:", "",
         *refs_table(refs or {}), "",
         f"`{FINAL}` is SEFT with SeftConfig's defaults since this study (seft-old + no revival + regrown slots "
         "protected for one update + 10% replaced at the first update + density-aware lr + row-balanced swaps); "
@@ -259,6 +259,9 @@ def write_report(rows: list[dict], stem: Path, note: str = "", refs: dict[str, d
         "`seft-new` is the intermediate (seft-old + no revival + protection); `static` = fixed random slots with "
         "seft-old's optimizer; `lora-reprune` = dense LoRA merged and re-pruned by Wanda (LoRA*).", "",
         f"## SEFT ({FINAL}, the new defaults) vs masked LoRA", "", *verdict(summary), "",
+        "## What evolution adds: SEFT vs the same budget on fixed random slots", "",
+        *verdict(summary, rival="static"), "",
+        "## Fixed random slots vs masked LoRA", "", *verdict(summary, seft="static"), "",
         "## Learning-rate search (seed 0, held-out wiki ppl)", "", *lr_table(rows), "",
         "## Ablations (single changes to seft-old, seft-old's best lr)", "",
         "`Δ wiki` is paired by seed (the mean over the seeds both have of variant / reference - 1). "

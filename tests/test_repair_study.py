@@ -88,3 +88,22 @@ def test_report_lists_the_models_before_repair(tmp_path):
     assert "| dense | 30.00 | 50.00 |\n| wanda70, no repair | 400.00 | 600.00 |" in text
     write_report(rows, tmp_path / "r")
     assert "not scored yet" in (tmp_path / "r.md").read_text()
+
+
+def test_report_separates_what_evolution_adds_from_what_the_sparse_form_adds(tmp_path):
+    """Beside SEFT vs masked LoRA, the report compares SEFT with fixed random slots (evolution's share) and fixed
+    slots with masked LoRA (the sparse delta's own share), each gap judged against the seed spread."""
+    from repair_study_report import main_table, verdict, write_report
+
+    rows = [_row(m, seed, wiki + seed) for m, wiki in (("new-combo", 100.0), ("static", 104.0),
+                                                       ("masked-lora", 90.0)) for seed in range(3)]
+    _, summary = main_table(rows, ["new-combo", "static", "masked-lora"])
+    evolution = {line.split(" | ")[1]: line for line in verdict(summary, rival="static")[2:]}
+    assert "| new-combo vs static |" in verdict(summary, rival="static")[0]
+    assert "| -3.8% | yes |" in evolution["wiki"]  # 101 vs 105, spread 1
+    form = {line.split(" | ")[1]: line for line in verdict(summary, seft="static")[2:]}
+    assert "| +15.4% | yes |" in form["wiki"]  # 105 vs 91
+    write_report([dict(r, steps=300, batch=2, seq_len=128) for r in rows], tmp_path / "study")
+    md = (tmp_path / "study.md").read_text()
+    assert "## What evolution adds" in md and "| wanda70 | news | 202.00 | 210.00 | -3.8% | yes |" in md
+    assert "## Fixed random slots vs masked LoRA" in md
