@@ -109,9 +109,12 @@ def verdict(summary: list[dict], seft: str = FINAL, rival: str = "masked-lora") 
 
 
 def _is_variant_of(method: str, reference: str) -> bool:
-    """Ablation rows: `abl-*` (and seft-new, static) change seft-old; `new-*` change seft-new."""
+    """Ablation rows: `abl-*` (and seft-new, static) change seft-old; `new-*` change seft-new; `combo-*` (and
+    static: no evolution at all) change new-combo, the final configuration."""
     if reference == "seft-new":
         return method.startswith("new-")
+    if reference == FINAL:
+        return method.startswith("combo-") or method == "static"
     return method.startswith("abl-") or method in ("seft-new", "static", "static-reselect", "static-density")
 
 
@@ -270,6 +273,8 @@ def write_report(rows: list[dict], stem: Path, note: str = "", refs: dict[str, d
         *ablation_table(rows), "",
         "## Changes to seft-new (single changes, seft-new's best lr)", "",
         *ablation_table(rows, "seft-new"), "",
+        *([f"## Changes to {FINAL} (single changes, {FINAL}'s best lr)", "", *ablation_table(rows, FINAL), ""]
+          if any(r["method"].startswith("combo-") for r in rows) else []),
         f"Churn figure: `{stem.name}_churn.png` (share of dropped slots that were young, per variant, with wiki ppl).",
         "",
     ]

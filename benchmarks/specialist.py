@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_study import METHODS as STUDY, load_rows, run_and_append, running_keys, wait_for_pid_file  # noqa: E402 (the house helpers: pinned SEFT, locked appends)
+from repair_study import METHODS as STUDY  # noqa: E402 (the study's pinned configurations)
+from repair_study import load_rows, run_and_append, running_keys, wait_for_pid_file  # noqa: E402 (locked appends, pid files)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
