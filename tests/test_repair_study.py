@@ -107,3 +107,17 @@ def test_report_separates_what_evolution_adds_from_what_the_sparse_form_adds(tmp
     md = (tmp_path / "study.md").read_text()
     assert "## What evolution adds" in md and "| wanda70 | news | 202.00 | 210.00 | -3.8% | yes |" in md
     assert "## Fixed random slots vs masked LoRA" in md
+
+
+def test_lr_table_shows_news_beside_wiki_and_where_news_prefers_another_lr():
+    """The lr is chosen on wiki; a near-tie there can hide a large news difference (Wanda 50%: 39.0 vs 39.0 wiki,
+    55.2 vs 57.5 news), so the grid shows both and names the lr news would have chosen."""
+    from repair_study_report import lr_table
+
+    rows = [dict(_row("masked-lora", 0, wiki), lr=lr, news_ppl=news)
+            for lr, wiki, news in ((1e-3, 39.0, 55.0), (3e-3, 38.9, 57.5), (1e-2, 60.0, 90.0))]
+    line = [x for x in lr_table(rows) if x.startswith("| wanda70 | masked-lora |")][0]
+    assert "| 39.0 / 55.0 | **38.9 / 57.5** | 60.0 / 90.0 |" in line
+    assert line.endswith("| 0.003 | yes | 0.001 (-4.3% news, +0.3% wiki) |")
+    same = [dict(r, news_ppl=r["wiki_ppl"]) for r in rows]
+    assert [x for x in lr_table(same) if "masked-lora" in x][0].endswith("| yes | same |")
