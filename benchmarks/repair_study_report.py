@@ -69,9 +69,10 @@ def lr_table(rows: list[dict]) -> list[str]:
                 continue
             cell = f"{by_lr[lr]['wiki_ppl']:.1f} / {by_lr[lr]['news_ppl']:.1f}"
             cells.append(f"**{cell}**" if lr == best else cell)
+        picked, other = by_lr[best], by_lr[best_news]
         news_note = "same" if best_news == best else (
-            f"{best_news:g} ({(by_lr[best_news]['news_ppl'] / by_lr[best]['news_ppl'] - 1) * 100:+.1f}% news, "
-            f"{(by_lr[best_news]['wiki_ppl'] / by_lr[best]['wiki_ppl'] - 1) * 100:+.1f}% wiki)")
+            f"{best_news:g} ({other['news_ppl'] / picked['news_ppl'] - 1:+.1%} news, "
+            f"{other['wiki_ppl'] / picked['wiki_ppl'] - 1:+.1%} wiki)")
         lines.append(f"| {setting} | {method} | " + " | ".join(cells) + f" | {best:g} | {interior} | {news_note} |")
     return lines
 
