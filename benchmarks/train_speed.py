@@ -13,7 +13,9 @@ measured steps after warm-up; SEFT's statistics-window steps (dense weight
 gradient kept for candidate statistics, and the topology update) are reported
 apart from its ordinary steps. LoRA is peft LoRA with r=8 on q,k,v,o,gate,up,
 down; SEFT's budget `lora_rank=8` gives it exactly as many trainable values.
-Optimizer: torch AdamW for all. `seft` runs SeftConfig's default kernel
+Optimizer: torch AdamW for all. `frozen` trains nothing (forward and backward
+to the input embeddings): the floor under any method whose gradient passes
+through the frozen base. `seft` runs SeftConfig's default kernel
 (`auto`: the sampled grad(values) on CPU), `seft-dense` the old path
 (`kernel: dense`, dense `g^T x` + gather) in the same run. Each method runs
 `--repeats` times, interleaved (A B C A B C ...), and the table shows medians
@@ -22,7 +24,9 @@ over repeats of each run's median step time and of its memory.
 `--kernels` times the kernels behind the choice, per linear shape, medians of
 repeats: grad(values) = (g^T x)[indices] by the dense product + gather, by
 `torch.sparse.sampled_addmm` (CSR pattern of the slots), and by a chunked
-index gather; the forward with a transient dense W_eff vs the base product
+index gather (and the transposed orientation used before); the in-place
+patch of the base weight with positions in slot order vs sorted; the forward
+with a transient dense W_eff vs the base product
 plus a CSR correction; a 4-bit base's delta (forward + grad_x) dense vs CSR;
 and the sampled/dense crossover over budget densities (`kernel: auto`).
 
@@ -45,8 +49,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("seft", "seft-dense", "seft-sparse", "lora", "full-masked")
-DEFAULT_METHODS = {"cpu": "seft,seft-dense,lora,full-masked",  # auto = sparse on CPU
+METHODS = ("seft", "seft-dense", "seft-sparse", "lora", "frozen", "full-masked")
+DEFAULT_METHODS = {"cpu": "seft,seft-dense,lora,frozen,full-masked",  # auto = sparse on CPU
                    "gpu": "seft,seft-sparse,lora,full-masked"}  # auto = dense on CUDA: time sparse beside it
 SETUPS = {
     "cpu": dict(batch=2, seq=128, warmup=2, steps=12, update_interval=6, stat_window=2, dtype="float32"),
@@ -97,6 +101,10 @@ def wrap(model, method: str, setup: str):
     if method == "lora":
         return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                            target_modules=list(TARGET_MODULES)))
+    if method == "frozen":  # the floor: forward + backward to the inputs, nothing trained
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
     masks = enable_full_masked(model)
     model._bench_masks = masks
     return model
@@ -104,6 +112,8 @@ def wrap(model, method: str, setup: str):
 
 def adapter_bytes(model, method: str) -> int:
     """Size of what the method must save: the adapter file, or the trained weights (full-masked)."""
+    if method == "frozen":
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         if method.startswith("seft") or method == "lora":
             model.save_pretrained(tmp)
@@ -164,7 +174,7 @@ def run_one(setup: str, method: str) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None) if params else None
     device = "cuda" if cuda else "cpu"
     gen = torch.Generator().manual_seed(0)
     total = cfg["warmup"] + cfg["steps"]
@@ -188,12 +198,14 @@ def run_one(setup: str, method: str) -> dict:
         loss.backward()
         if is_seft:
             model.seft_pre_optimizer_step(opt)
-        opt.step()
+        if opt is not None:
+            opt.step()
         if is_seft:
             model.seft_post_optimizer_step(opt)
         elif method == "full-masked":
             apply_masks(model, model._bench_masks)
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         if is_seft:
             model.seft_update(step, total, opt)
         if cuda:
@@ -233,9 +245,13 @@ def grad_values_gather(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, chun
     return res
 
 
-def _median_ms(fn, repeats: int, cuda: bool) -> float:
+def _median_ms(fn, repeats: int, cuda: bool, flush: torch.Tensor | None = None) -> float:
+    """Median ms of `fn` over `repeats` calls after one untimed; with `flush`, that buffer is rewritten before
+    every call, so the operands come from memory as in training, where other layers ran in between."""
     samples = []
     for _ in range(repeats + 1):
+        if flush is not None:
+            flush.add_(1)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -249,12 +265,13 @@ def _median_ms(fn, repeats: int, cuda: bool) -> float:
 def compare_kernels(device: str, shapes, tokens: int, repeats: int = 9) -> dict[str, list[dict]]:
     """Median ms of every kernel variant behind `SeftConfig.kernel`, per linear shape at a LoRA-r=8 budget."""
     from seft.tuner import sparse_ops as SO
-    from seft.tuner.function import delta_weight, effective_weight
+    from seft.tuner.function import PatchPlan, delta_weight, effective_weight, patched_weight
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
-    out = {"backward": [], "forward": [], "qseft_delta": [], "density": []}
+    out = {"backward": [], "patch": [], "forward": [], "qseft_delta": [], "density": []}
+    cold = torch.zeros(16 * 2**20, device=device)  # 64 MiB, rewritten before each cold call (past the caches)
     for out_f, in_f in shapes:
         k = 8 * (in_f + out_f)
         g = torch.randn(tokens, out_f, device=device, dtype=dtype, generator=gen)
@@ -268,12 +285,33 @@ def compare_kernels(device: str, shapes, tokens: int, repeats: int = 9) -> dict[
         err = (SO.sampled_weight_grad(g, x, csr) - ref).abs().max().item() / ref.abs().max().item()
         assert err < 5e-2, err
         shape = f"{out_f}x{in_f}"
+        # the orientation used before: x^T g sampled on the pattern of the transposed weight (then slot order)
+        csr_t = SO.slot_csr((idx % in_f) * out_f + idx // in_f, (in_f, out_f))
         out["backward"].append({
             "shape": shape, "k": k, "tokens": tokens, "sampled_rel_err": err,
-            "dense_gather_ms": _median_ms(lambda: grad_values_dense(g, x, idx), repeats, cuda),  # noqa: B023
-            "sampled_ms": _median_ms(lambda: SO.sampled_weight_grad(g, x, csr), repeats, cuda),  # noqa: B023
+            "dense_gather_ms": _median_ms(lambda: grad_values_dense(g, x, idx), repeats, cuda, cold),  # noqa: B023
+            "sampled_ms": _median_ms(lambda: SO.sampled_weight_grad(g, x, csr), repeats, cuda, cold),  # noqa: B023
+            "sampled_t_ms": _median_ms(lambda: SO.sampled_weight_grad(x, g, csr_t), repeats, cuda, cold),  # noqa: B023
             "index_gather_ms": _median_ms(lambda: grad_values_gather(g, x, idx), max(repeats // 3, 1), cuda),  # noqa: B023
         })
+        w_patch = w.clone()
+        unsorted = PatchPlan(idx, removed)  # positions in slot order, as before: undo the plan's sort
+        unsorted.idx, unsorted.order = idx.long(), torch.arange(k, device=device)
+        unsorted.rem = removed.long()
+        unsorted.pos = torch.cat([unsorted.idx, unsorted.rem])
+
+        def patch(plan, reuse, w_patch=w_patch, values=values, idx=idx, removed=removed):
+            with patched_weight(w_patch, values, idx, removed, plan, reuse):
+                pass
+
+        sorted_plan = PatchPlan(idx, removed)
+        out["patch"].append({
+            "shape": shape, "k": k, "removed": removed.numel(),
+            "slot_order_ms": _median_ms(lambda: patch(unsorted, False), repeats, cuda, cold),  # noqa: B023
+            "sorted_ms": _median_ms(lambda: patch(sorted_plan, False), repeats, cuda, cold),  # noqa: B023
+            "sorted_reuse_ms": _median_ms(lambda: patch(sorted_plan, True), repeats, cuda, cold),  # noqa: B023
+        })
+        assert torch.equal(w_patch, w)
         dcsr = SO.delta_csr(idx, removed, (out_f, in_f))
         d_mat, dt_mat = dcsr.matrices(values, w.reshape(-1)[removed].float())
         out["forward"].append({
@@ -369,9 +407,18 @@ def kernel_tables(k: dict[str, list[dict]]) -> str:
         "### grad(values) outside statistics windows (ms per linear)",
         rows(k["backward"], [("shape", lambda r: r["shape"]), ("k", lambda r: f"{r['k']:,}"),
                              ("tokens", lambda r: str(r["tokens"])), ("dense g^T x + gather", ms("dense_gather_ms")),
-                             ("sampled_addmm", ms("sampled_ms")), ("index gather", ms("index_gather_ms")),
+                             ("sampled_addmm", ms("sampled_ms")),
+                             ("sampled, transposed pattern (before)", ms("sampled_t_ms")),
+                             ("index gather", ms("index_gather_ms")),
                              ("dense / sampled", ratio("dense_gather_ms", "sampled_ms")),
+                             ("before / now", ratio("sampled_t_ms", "sampled_ms")),
                              ("sampled max rel. error", lambda r: f"{r['sampled_rel_err']:.1e}")]),
+        "### in-place patch of the base weight + restore (ms per linear; done in forward and in backward)",
+        rows(k["patch"], [("shape", lambda r: r["shape"]), ("k", lambda r: f"{r['k']:,}"),
+                          ("removed", lambda r: f"{r['removed']:,}"), ("slot order (before)", ms("slot_order_ms")),
+                          ("sorted positions", ms("sorted_ms")),
+                          ("sorted, originals reused (backward)", ms("sorted_reuse_ms")),
+                          ("before / sorted", ratio("slot_order_ms", "sorted_ms"))]),
         "### forward of a plain base (ms per linear; k slots, k/4 removed)",
         rows(k["forward"], [("shape", lambda r: r["shape"]), ("x W^T alone", ms("base_only_ms")),
                             ("x W_eff^T (transient dense W_eff)", ms("dense_w_eff_ms")),
@@ -398,7 +445,9 @@ def markdown(args, rows: list[dict], kernels: dict | None, seconds: float) -> st
         f"batch {cfg['batch']} x {cfg['seq']} tokens, {cfg['warmup']} warm-up + {cfg['steps']} measured steps per "
         f"run, SEFT `update_interval={cfg['update_interval']}, stat_window={cfg['stat_window']}` (so window steps, "
         f"with the dense weight gradient and the topology update, are reported apart). `seft` = the default "
-        f"kernel (`auto`), `seft-dense` = `kernel: dense`, the path before the sampled product, `seft-sparse` = `kernel: sparse`. Each method ran "
+        f"kernel (`auto`), `seft-dense` = `kernel: dense`, the path before the sampled product, `seft-sparse` = `kernel: sparse`, "
+        f"`frozen` = nothing trained, forward + backward to the input embeddings: the floor under any adapter "
+        f"that trains through the frozen base (its grad_x must be formed). Each method ran "
         f"{args.repeats} times in its own subprocess, interleaved; step times are medians over repeats of each "
         f"run's median. Memory: the resident set sampled every 2 ms by a thread, its peak per step kind "
         f"(ordinary steps, statistics-window steps) minus the RSS after setup (model loaded, pruned and wrapped): "
@@ -410,7 +459,9 @@ def markdown(args, rows: list[dict], kernels: dict | None, seconds: float) -> st
     if kernels:
         lines += ["## Kernels", "",
                   f"Medians of repeats on random operands, {'bf16' if args.setup == 'gpu' else 'fp32'}, one "
-                  "process.", "", kernel_tables(kernels), ""]
+                  "process. grad(values) (but the index gather) and the patch are timed cold: a 64 MiB buffer is "
+                  "rewritten before each call, so operands come from memory as in a training step, where other "
+                  "layers ran in between.", "", kernel_tables(kernels), ""]
     return "\n".join(lines)
 
 

@@ -84,11 +84,10 @@ def test_sampled_grad_is_in_slot_order_after_indices_change():
 def test_slot_csr_roundtrip():
     idx = torch.randperm(24 * 40)[:50].to(torch.int32)
     csr = SO.slot_csr(idx, (24, 40))
-    assert csr.shape == (40, 24)
+    assert csr.shape == (24, 40)
     crow = csr.crow.long()
-    cols_in = torch.repeat_interleave(torch.arange(40), crow[1:] - crow[:-1])  # input column of each entry
-    rows_out = csr.col.long()
-    assert torch.equal(rows_out * 40 + cols_in, idx.long()[csr.perm])
+    rows_out = torch.repeat_interleave(torch.arange(24), crow[1:] - crow[:-1])  # output row of each entry
+    assert torch.equal(rows_out * 40 + csr.col.long(), idx.long()[csr.perm])
 
 
 def test_auto_kernel_choice():
@@ -184,6 +183,39 @@ def test_qseft_layer_sparse_equals_dense(qseft_pair):
     assert torch.allclose(y_s, y_d, atol=1e-5)
     assert torch.allclose(gx_s, gx_d, atol=1e-5)
     assert torch.allclose(gv_s, gv_d, atol=1e-4)
+
+
+def test_backward_reads_the_base_again_after_an_edit_since_the_forward():
+    """The backward reuses the originals its forward read only while the weight is unchanged: restoring stale
+    ones would silently undo an in-place edit made between forward and backward."""
+    layer = _layer("sparse")
+    weight = layer.get_base_layer().weight
+    x = torch.randn(3, 40, requires_grad=True)
+    y = layer(x)
+    pos = layer.seft_indices["default"][:4].long()
+    with torch.no_grad():
+        weight.view(-1)[pos] += 1.0  # bumps the version: the backward must not write the old values back
+    edited = weight.detach().clone()
+    y.sum().backward()
+    assert torch.equal(weight, edited)
+    plan = layer.patch_plan("default", None)
+    assert layer.patch_plan("default", None) is plan  # cached per topology
+
+
+def test_patch_plan_is_rebuilt_when_the_topology_changes():
+    layer, dense = _layer("sparse"), _layer("dense")
+    plan = layer.patch_plan("default", None)
+    with torch.no_grad():  # move slot 3 to a new free position in place, as a topology update does
+        idx = layer.seft_indices["default"]
+        taken = set(idx.tolist()) | set(layer.seft_removed["default"].tolist())
+        idx[3] = next(p for p in range(40 * 24) if p not in taken)
+        dense.seft_indices["default"].copy_(idx)
+    assert layer.patch_plan("default", None) is not plan
+    before = layer.get_base_layer().weight.detach().clone()
+    x = torch.randn(2, 40)
+    for got, want in zip(_grads(layer, x), _grads(dense, x)):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(layer.get_base_layer().weight, before)
 
 
 def test_deepcopy_keeps_kernel_choice():

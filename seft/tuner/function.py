@@ -43,6 +43,41 @@ def effective_weight(weight: torch.Tensor, values: torch.Tensor, indices: torch.
     return flat.view_as(weight)
 
 
+class PatchPlan:
+    """What an in-place patch of one base weight needs, built once per topology instead of per product.
+
+    The slot and removed positions as int64, sorted, and the base's original
+    values there as the last patch read them. A forward always reads them
+    afresh; the backward that follows reuses them if the weight is the one
+    the forward restored (same storage, dtype and in-place version: an edit
+    in between, e.g. an FSDP2 refill of the unsharded buffer, makes it read
+    again). Not across steps: an edit through `.data` does not bump the
+    version, and a stale original written back would corrupt the base.
+    """
+
+    def __init__(self, indices: torch.Tensor, removed: torch.Tensor, order: torch.Tensor | None = None):
+        """`order`: the permutation sorting `indices` if the caller has it (a `SlotCSR`'s `perm`: shared)."""
+        # positions ascending, so each edit walks the weight in memory order (cheaper than slot order with the
+        # weight out of cache, as it is before a forward); `order` puts the values in the same order
+        flat = indices.long()
+        self.order = flat.argsort() if order is None else order
+        self.pos = torch.cat([flat[self.order], removed.long().sort().values])
+        self.idx, self.rem = self.pos[:flat.numel()], self.pos[flat.numel():]  # views
+        self._originals: tuple[int, int, torch.dtype, torch.Tensor] | None = None
+
+    def originals(self, flat: torch.Tensor, reuse: bool) -> torch.Tensor:
+        """The values of `flat` (the base weight, flattened) at `pos`; with `reuse`, the last ones read if
+        `flat` is unchanged since they were restored."""
+        held = self._originals
+        if reuse and held is not None and held[:3] == (flat.data_ptr(), flat._version, flat.dtype):
+            return held[3]
+        return flat[self.pos]
+
+    def remember(self, flat: torch.Tensor, originals: torch.Tensor) -> None:
+        """Record `originals` as `flat`'s values at `pos` as of its current version (call after restoring)."""
+        self._originals = (flat.data_ptr(), flat._version, flat.dtype, originals)
+
+
 class patched_weight:
     """Context manager: the base weight itself edited into `W_eff` in place, restored exactly on exit.
 
@@ -52,29 +87,34 @@ class patched_weight:
     and written back: O(k) work, bit-exact restore (the saved originals, not
     a subtraction). The same rounding as `effective_weight` (values added in
     the base dtype). Not for a weight that another thread reads concurrently;
-    a non-contiguous weight falls back to the copy.
+    a non-contiguous weight falls back to the copy. `plan` (the layer's, per
+    topology) saves re-deriving the positions; `reuse` (backward) lets it
+    skip re-reading the originals the forward read.
     """
 
-    def __init__(self, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,
+                 plan: PatchPlan | None = None, reuse: bool = False):
         self.weight, self.values, self.indices, self.removed = weight.detach(), values, indices, removed
+        self.plan, self.reuse = plan, reuse
 
     def __enter__(self) -> torch.Tensor:
         if not self.weight.is_contiguous():
             self.saved = None
             return effective_weight(self.weight, self.values, self.indices, self.removed)
+        if self.plan is None:
+            self.plan = PatchPlan(self.indices, self.removed)
         flat = self.weight.view(-1)
-        idx = self.indices.long()
-        rem = self.removed.long()
-        self.pos = torch.cat([idx, rem]) if rem.numel() else idx
-        self.saved = flat[self.pos]
-        if rem.numel():
-            flat[rem] = 0
-        flat.index_add_(0, idx, self.values.detach().to(flat.dtype))
+        self.saved = self.plan.originals(flat, self.reuse)
+        if self.plan.rem.numel():
+            flat[self.plan.rem] = 0
+        flat.index_add_(0, self.plan.idx, self.values.detach()[self.plan.order].to(flat.dtype))
         return self.weight
 
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
-            self.weight.view(-1)[self.pos] = self.saved
+            flat = self.weight.view(-1)
+            flat[self.plan.pos] = self.saved
+            self.plan.remember(flat, self.saved)
 
 
 def _weight_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, sink: GradSink | None,
@@ -110,16 +150,16 @@ class SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
                 indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None,
-                csr: SlotCSR | None, in_place: bool) -> torch.Tensor:
+                csr: SlotCSR | None, plan: PatchPlan | None) -> torch.Tensor:
         bias = None if bias is None else bias.to(x.dtype)
-        if in_place:
-            with patched_weight(weight, values, indices, removed) as w_eff:
+        if plan is not None:
+            with patched_weight(weight, values, indices, removed, plan) as w_eff:
                 out = F.linear(x, w_eff.to(x.dtype), bias)
         else:
             out = F.linear(x, effective_weight(weight, values, indices, removed).to(x.dtype), bias)
         # the frozen base weight is kept as an attribute, not saved: the in-place patch bumps its version
         ctx.save_for_backward(x, values, indices, removed)
-        ctx.weight, ctx.sink, ctx.csr, ctx.in_place = weight, sink, csr, in_place
+        ctx.weight, ctx.sink, ctx.csr, ctx.plan = weight, sink, csr, plan
         return out
 
     @staticmethod
@@ -128,8 +168,8 @@ class SparseDeltaLinear(torch.autograd.Function):
         weight = ctx.weight
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            if ctx.in_place:
-                with patched_weight(weight, values, indices, removed) as w_eff:
+            if ctx.plan is not None:
+                with patched_weight(weight, values, indices, removed, ctx.plan, reuse=True) as w_eff:
                     grad_x = (grad_out @ w_eff.to(grad_out.dtype)).to(x.dtype)
             else:
                 grad_x = (grad_out @ effective_weight(weight, values, indices, removed).to(grad_out.dtype)
@@ -141,8 +181,9 @@ class SparseDeltaLinear(torch.autograd.Function):
 
 def seft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
                 indices: torch.Tensor, removed: torch.Tensor, sink: GradSink | None = None,
-                csr: SlotCSR | None = None, in_place: bool = False) -> torch.Tensor:
-    return SparseDeltaLinear.apply(x, weight, bias, values, indices, removed, sink, csr, in_place)
+                csr: SlotCSR | None = None, plan: PatchPlan | None = None) -> torch.Tensor:
+    """`x @ W_eff^T + b`; with a `plan` (the sparse kernel) the base weight is patched in place, not copied."""
+    return SparseDeltaLinear.apply(x, weight, bias, values, indices, removed, sink, csr, plan)
 
 
 def delta_weight(shape: torch.Size, values: torch.Tensor, indices: torch.Tensor, removed: torch.Tensor,

@@ -64,7 +64,7 @@ from ..sparsity import Pattern, detect_nm, index_dtype
 from . import shards as S
 from . import sparse_ops as SO
 from . import topology as T
-from .function import effective_weight, seft_linear, sparse_delta
+from .function import PatchPlan, effective_weight, seft_linear, sparse_delta
 from .quant import is_4bit
 from .quant import topology_weight as quantized_topology_weight
 
@@ -191,6 +191,7 @@ class SeftLayer(BaseTunerLayer):
         self._seft_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._seft_removed_base: tuple[torch.Tensor, int, torch.Tensor] | None = None  # 4-bit: W_q[removed]
         self._seft_csr: dict[str, tuple] = {}  # adapter -> (key tensors + versions, SlotCSR, DeltaCSR | None)
+        self._seft_plan: dict[str, tuple] = {}  # adapter -> (key tensors + versions, PatchPlan)
         self._seft_key = ""  # the module name, for messages
         self._seft_good: dict[str, tuple] = {}  # adapter -> integer state last known valid (see state_mark)
         self._seft_placeholders: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> tensors awaiting a load
@@ -340,6 +341,18 @@ class SeftLayer(BaseTunerLayer):
         self.check_state(adapter)
         return self.seft_values[adapter], self.seft_indices[adapter], self.seft_removed[adapter]
 
+    def _topology_key(self, adapter: str, *extra) -> tuple:
+        indices, removed = self.seft_indices[adapter], self.seft_removed[adapter]
+        return (indices, indices._version, removed, removed._version, *extra)
+
+    def _cached(self, cache: dict, adapter: str, key: tuple):
+        """`cache[adapter]`'s value if it was built for `key` (tensors by identity, the rest by equality)."""
+        held = cache.get(adapter)
+        if held is not None and len(held[0]) == len(key) and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(held[0], key)):
+            return held[1]
+        return None
+
     def slot_views(self, adapter: str, device: torch.device, with_delta: bool) -> tuple | None:
         """CSR views of the slots (and, for a 4-bit base, of the whole delta) if the sparse kernel is on.
 
@@ -350,18 +363,27 @@ class SeftLayer(BaseTunerLayer):
         meta = self.seft_meta[adapter]
         if not SO.use_sparse_kernel(meta.kernel, meta.k, self.in_features * self.out_features, device):
             return None
-        indices, removed = self.seft_indices[adapter], self.seft_removed[adapter]
-        key = (indices, indices._version, removed, removed._version, with_delta)
-        cached = self._seft_csr.get(adapter)
-        if cached is not None and len(cached[0]) == len(key) and all(
-                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(cached[0], key)):
-            return cached[1]
-        shape = (self.out_features, self.in_features)
-        with torch.no_grad():
-            slots = SO.slot_csr(indices, shape)
-            views = (slots, SO.delta_csr(indices, removed, shape)) if with_delta else slots
-        self._seft_csr[adapter] = (key, views)
+        key = self._topology_key(adapter, with_delta)
+        views = self._cached(self._seft_csr, adapter, key)
+        if views is None:
+            indices, removed = self.seft_indices[adapter], self.seft_removed[adapter]
+            shape = (self.out_features, self.in_features)
+            with torch.no_grad():
+                slots = SO.slot_csr(indices, shape)
+                views = (slots, SO.delta_csr(indices, removed, shape)) if with_delta else slots
+            self._seft_csr[adapter] = (key, views)
         return views
+
+    def patch_plan(self, adapter: str, slots: SO.SlotCSR | None) -> PatchPlan:
+        """The in-place patch's sorted positions (function.py), rebuilt when the topology changes; it shares
+        the sorting permutation of `slots` (this topology's CSR view) when given."""
+        key = self._topology_key(adapter)
+        plan = self._cached(self._seft_plan, adapter, key)
+        if plan is None:
+            plan = PatchPlan(self.seft_indices[adapter], self.seft_removed[adapter],
+                             None if slots is None else slots.perm)
+            self._seft_plan[adapter] = (key, plan)
+        return plan
 
     @torch.no_grad()
     def observe_input(self, x: torch.Tensor) -> None:
@@ -424,7 +446,8 @@ class Linear(nn.Module, SeftLayer):
             self.observe_input(x)
         sparse = SO.use_sparse_kernel(meta.kernel, meta.k, self.in_features * self.out_features, x.device)
         views = self.slot_views(adapter, x.device, with_delta=False) if sparse and torch.is_grad_enabled() else None
-        return seft_linear(x, base.weight, base.bias, values, indices, removed, sink, views, in_place=sparse)
+        plan = self.patch_plan(adapter, views) if sparse else None
+        return seft_linear(x, base.weight, base.bias, values, indices, removed, sink, views, plan)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

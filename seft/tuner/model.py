@@ -241,13 +241,15 @@ class SeftModel(BaseTuner):
             if window is not None:
                 window.end_step()
             values = layer.seft_values[adapter]
-            if cfg.slot_lr != "plain":  # every slot's applied update is rescaled
-                warming = torch.arange(values.numel(), device=layer.seft_age[adapter].device)
+            if cfg.slot_lr != "plain":  # every slot's applied update is rescaled: slices, no gathers
+                warming = S.local_range(values)  # FSDP2: the slots this rank's shard holds
+                pos = slice(0, warming.stop - warming.start)
             else:
                 warming = (layer.seft_age[adapter] < cfg.regrow_warmup).nonzero().flatten()
-            mine, pos = S.local_positions(values, warming)  # FSDP2: the warming slots this rank's shard holds
+                mine, pos = S.local_positions(values, warming)  # FSDP2: the warming slots this rank holds
+                warming = warming[mine]
             layer._seft_snapshot = (
-                warming[mine], pos, S.local(values)[pos].clone(),
+                warming, pos, S.local(values)[pos].clone(),
                 optimizer_step_count(optimizer, values) if optimizer is not None else None,
             )
 
@@ -271,7 +273,7 @@ class SeftModel(BaseTuner):
             if step_before is not None and optimizer_step_count(optimizer, values) == step_before:
                 continue  # step skipped (fp16 scaler overflow): the optimizer's counter did not move
             age = layer.seft_age[adapter]
-            if warming.numel():
+            if isinstance(warming, slice) or warming.numel():
                 scale = T.warmup_scale(age[warming], cfg.regrow_warmup).to(values.dtype)
                 if cfg.slot_lr == "channel":
                     columns = layer.seft_indices[adapter][warming].long() % layer.in_features

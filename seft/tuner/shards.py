@@ -68,6 +68,14 @@ def _flat_range(t: torch.Tensor) -> tuple[int, int]:
     return offset[0] * row if shape[0] else 0, math.prod(shape)
 
 
+def local_range(t: torch.Tensor) -> slice:
+    """The flat positions of `t` this rank holds, as a slice (all of them for a plain tensor)."""
+    if not is_sharded(t):
+        return slice(0, t.numel())
+    start, count = _flat_range(t)
+    return slice(start, start + count)
+
+
 def local_positions(t: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask over `positions` of those this rank holds, their flat positions in `local(t)`).
 

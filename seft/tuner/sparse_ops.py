@@ -27,6 +27,7 @@ upcast to fp32 (O(tokens * (in + out)) copies; `grad_values` is fp32 like
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -65,33 +66,40 @@ def _crow(rows: torch.Tensor, n_rows: int, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SlotCSR:
-    """The slots as a CSR pattern of the *transposed* weight (`in x out`, i.e. of `G^T = x^T g`).
+    """The slots as a CSR pattern of the weight (`out x in`, the shape of `G = g^T x`).
 
-    Sampling `x^T g` lets both operands of `sampled_addmm` be the tensors
-    backward already has (`x^T` as a view, `g` as is): no transposed copy of
-    `g` per layer (measured equal or faster than sampling `g^T x` with a
-    copy, 1 CPU thread, SmolLM2 shapes). `perm[i]` is the slot number of the
-    i-th CSR entry, so `grad_values[perm] = csr_values`.
+    `perm[i]` is the slot number of the i-th CSR entry (the slots in
+    ascending flat position), so `grad_values[perm] = csr_values`. This
+    orientation samples `g^T x` with `g^T` as a transposed view; with the
+    operands out of cache, as in training, that was 1.2-1.3x faster than
+    sampling `x^T g` on the pattern of the transposed weight (one CPU thread,
+    SmolLM2 shapes; benchmarks/train_speed.py `--kernels` times both), and
+    the slots' order is the weight's memory order, which the in-place patch
+    (function.py `PatchPlan`) shares.
     """
 
     perm: torch.Tensor  # [k] long
-    crow: torch.Tensor  # [in + 1]
-    col: torch.Tensor  # [k] output rows of the weight
-    shape: tuple[int, int]  # (in, out)
+    crow: torch.Tensor  # [out + 1]
+    col: torch.Tensor  # [k] input columns
+    shape: tuple[int, int]  # (out, in)
 
     def pattern(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An all-zero CSR tensor on the slot pattern (the `input` of sampled_addmm)."""
         zeros = torch.zeros(self.col.numel(), dtype=dtype, device=self.col.device)
         return torch.sparse_csr_tensor(self.crow, self.col, zeros, self.shape, check_invariants=False)
 
+    @functools.cached_property
+    def pattern32(self) -> torch.Tensor:
+        """`pattern(float32)`, built once per topology: `sampled_addmm` with beta=0 only reads its structure."""
+        return self.pattern(torch.float32)
+
 
 def slot_csr(indices: torch.Tensor, shape: tuple[int, int]) -> SlotCSR:
-    """CSR view (of the transposed weight) of the slots at flat positions `indices` of an `out x in` weight."""
+    """CSR view of the slots at flat positions `indices` of an `out x in` weight."""
     out_f, in_f = shape
-    flat = indices.long()
-    flat_t, perm = ((flat % in_f) * out_f + flat // in_f).sort()
+    flat, perm = indices.long().sort()
     dt = _index_dtype(out_f * in_f)
-    return SlotCSR(perm=perm, crow=_crow(flat_t // out_f, in_f, dt), col=(flat_t % out_f).to(dt), shape=(in_f, out_f))
+    return SlotCSR(perm=perm, crow=_crow(flat // in_f, out_f, dt), col=(flat % in_f).to(dt), shape=(out_f, in_f))
 
 
 def sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, csr: SlotCSR) -> torch.Tensor:
@@ -99,7 +107,7 @@ def sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, csr: SlotCSR) -
 
     grad_out: [tokens, out], x: [tokens, in].
     """
-    sampled = torch.sparse.sampled_addmm(csr.pattern(torch.float32), x.float().t(), grad_out.float(), beta=0.0)
+    sampled = torch.sparse.sampled_addmm(csr.pattern32, grad_out.float().t(), x.float(), beta=0.0)
     grad = torch.empty(csr.perm.numel(), dtype=torch.float32, device=x.device)
     grad[csr.perm] = sampled.values()
     return grad
