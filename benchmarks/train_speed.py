@@ -360,6 +360,11 @@ def summarize(runs: list[dict]) -> list[dict]:
             row[key] = statistics.median(vals) if vals else None
         row["repeats"] = len(rs)
         row["step_s_ordinary_all"] = [round(r["step_s_ordinary"], 4) for r in rs]
+        # each repeat's ratio to the LoRA run next to it in time: drift of a shared machine cancels
+        lora = {r["repeat"]: r["step_s_ordinary"] for r in runs if r["method"] == "lora"}
+        paired = [r["step_s_ordinary"] / lora[r["repeat"]] for r in rs if r.get("repeat") in lora]
+        row["paired_vs_lora"] = statistics.median(paired) if paired else None
+        row["paired_vs_lora_all"] = [round(x, 3) for x in paired]
         rows.append(row)
     return rows
 
@@ -375,7 +380,8 @@ def table(rows: list[dict]) -> str:
                ("window-step peak over setup (GiB)",
                 lambda r: None if r["step_peak_rss_gib_window"] is None else
                 r["step_peak_rss_gib_window"] - r["setup_rss_gib"])]
-    head = ["method", "trainable", "ordinary step (s)", "window step (s)", "vs LoRA step"]
+    head = ["method", "trainable", "ordinary step (s)", "window step (s)", "vs LoRA step",
+            "per-repeat vs LoRA (median; each)"]
     for name, _ in mem:
         head += [name, "vs LoRA"]
     head += ["setup RSS (GiB)" if not gpu else "setup CUDA (GiB)", "saved (MB)"]
@@ -384,7 +390,9 @@ def table(rows: list[dict]) -> str:
         window = f"{r['step_s_window']:.3f}" if r["step_s_window"] else "-"
         cells = [r["method"], f"{r['trainable_params']:,}",
                  f"{r['step_s_ordinary']:.3f} (n={r['ordinary_steps']} x {r['repeats']})", window,
-                 f"{r['step_s_ordinary'] / lora['step_s_ordinary']:.2f}x" if lora else "-"]
+                 f"{r['step_s_ordinary'] / lora['step_s_ordinary']:.2f}x" if lora else "-",
+                 f"{r['paired_vs_lora']:.2f}x ({', '.join(f'{x:.2f}' for x in r['paired_vs_lora_all'])})"
+                 if r.get("paired_vs_lora") is not None else "-"]
         for _, get in mem:
             value = get(r)
             # LoRA has no window steps: window-step memory is compared with LoRA's ordinary steps
@@ -449,7 +457,8 @@ def markdown(args, rows: list[dict], kernels: dict | None, seconds: float) -> st
         f"`frozen` = nothing trained, forward + backward to the input embeddings: the floor under any adapter "
         f"that trains through the frozen base (its grad_x must be formed). Each method ran "
         f"{args.repeats} times in its own subprocess, interleaved; step times are medians over repeats of each "
-        f"run's median. Memory: the resident set sampled every 2 ms by a thread, its peak per step kind "
+        f"run's median; `per-repeat vs LoRA` divides each run by the LoRA run of the same repeat (next to it in "
+        f"time, so a shared machine's drift cancels) and gives the median of those ratios. Memory: the resident set sampled every 2 ms by a thread, its peak per step kind "
         f"(ordinary steps, statistics-window steps) minus the RSS after setup (model loaded, pruned and wrapped): "
         f"the training overhead, median over repeats; glibc runs with `MALLOC_MMAP_THRESHOLD_=65536` so freed "
         f"tensors return to the OS and RSS follows live memory (without it, `ru_maxrss` mostly measures the "
@@ -472,11 +481,14 @@ def main() -> None:
     ap.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     ap.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; medians are reported")
     ap.add_argument("--kernels", action="store_true", help="also time the kernel variants behind SeftConfig.kernel")
+    ap.add_argument("--threads", type=int, help="torch threads per process (default: torch's, all cores)")
     ap.add_argument("--out", type=Path, help="JSON rows (default benchmarks/results/train_speed_SETUP.json)")
     ap.add_argument("--md", type=Path, help="markdown table (default benchmarks/results/train_speed.md on cpu)")
     args = ap.parse_args()
     if args.setup == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--setup gpu needs CUDA")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.method:
         print(json.dumps(run_one(args.setup, args.method)))
         return
@@ -488,7 +500,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for method in (args.methods or DEFAULT_METHODS[args.setup]).split(","):
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-            done = subprocess.run([sys.executable, __file__, "--setup", args.setup, "--method", method],
+            threads = ["--threads", str(args.threads)] if args.threads else []
+            done = subprocess.run([sys.executable, __file__, "--setup", args.setup, "--method", method, *threads],
                                   check=True, capture_output=True, text=True, env=env)
             runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": rep})
             print(json.dumps(runs[-1]), flush=True)
