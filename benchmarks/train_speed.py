@@ -348,6 +348,9 @@ def compare_kernels(device: str, shapes, tokens: int, repeats: int = 9) -> dict[
     return out
 
 
+MEMORY_KEYS = ("peak_rss_gib", "setup_rss_gib", "step_peak_rss_gib_ordinary", "step_peak_rss_gib_window")
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per method: medians over its repeated runs."""
     rows = []
@@ -460,7 +463,7 @@ def markdown(args, rows: list[dict], kernels: dict | None, seconds: float) -> st
         f"run's median; `per-repeat vs LoRA` divides each run by the LoRA run of the same repeat (next to it in "
         f"time, so a shared machine's drift cancels) and gives the median of those ratios. Memory: the resident set sampled every 2 ms by a thread, its peak per step kind "
         f"(ordinary steps, statistics-window steps) minus the RSS after setup (model loaded, pruned and wrapped): "
-        f"the training overhead, median over repeats; glibc runs with `MALLOC_MMAP_THRESHOLD_=65536` so freed "
+        f"the training overhead, median over repeats, from a second process per run in which glibc runs with `MALLOC_MMAP_THRESHOLD_=65536` (times come from the first, under glibc's defaults) so freed "
         f"tensors return to the OS and RSS follows live memory (without it, `ru_maxrss` mostly measures the "
         f"allocator's high-water mark).", "",
         table(rows), "",
@@ -499,11 +502,18 @@ def main() -> None:
     runs = []
     for rep in range(args.repeats):
         for method in (args.methods or DEFAULT_METHODS[args.setup]).split(","):
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+            # Two processes per run: times under glibc's defaults, memory with every allocation above 64 KiB
+            # mmapped (so RSS follows live tensors). The latter slows steps 35-55% (SmolLM2, one thread: SEFT
+            # 2.09 -> 3.26 s, LoRA 2.46 -> 3.33 s) and unevenly, so it must not time them.
             threads = ["--threads", str(args.threads)] if args.threads else []
-            done = subprocess.run([sys.executable, __file__, "--setup", args.setup, "--method", method, *threads],
-                                  check=True, capture_output=True, text=True, env=env)
-            runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": rep})
+            cmd = [sys.executable, __file__, "--setup", args.setup, "--method", method, *threads]
+            timed = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
+            mem_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+            sized = subprocess.run(cmd, check=True, capture_output=True, text=True, env=mem_env)
+            run = json.loads(timed.stdout.strip().splitlines()[-1])
+            memory = json.loads(sized.stdout.strip().splitlines()[-1])
+            run |= {k: memory[k] for k in MEMORY_KEYS if k in memory}
+            runs.append({**run, "repeat": rep})
             print(json.dumps(runs[-1]), flush=True)
     rows = summarize(runs)
     print(table(rows))
