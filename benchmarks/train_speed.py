@@ -503,7 +503,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for method in (args.methods or DEFAULT_METHODS[args.setup]).split(","):
             # Two processes per run: times under glibc's defaults, memory with every allocation above 64 KiB
-            # mmapped (so RSS follows live tensors). The latter slows steps 35-55% (SmolLM2, one thread: SEFT
+            # mmapped (so RSS follows live tensors). The latter slows steps 35-56% (SmolLM2, one thread: SEFT
             # 2.09 -> 3.26 s, LoRA 2.46 -> 3.33 s) and unevenly, so it must not time them.
             threads = ["--threads", str(args.threads)] if args.threads else []
             cmd = [sys.executable, __file__, "--setup", args.setup, "--method", method, *threads]
