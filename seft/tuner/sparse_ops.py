@@ -70,12 +70,13 @@ class SlotCSR:
 
     `perm[i]` is the slot number of the i-th CSR entry (the slots in
     ascending flat position), so `grad_values[perm] = csr_values`. This
-    orientation samples `g^T x` with `g^T` as a transposed view; with the
-    operands out of cache, as in training, that was 1.2-1.3x faster than
-    sampling `x^T g` on the pattern of the transposed weight (one CPU thread,
-    SmolLM2 shapes; benchmarks/train_speed.py `--kernels` times both), and
-    the slots' order is the weight's memory order, which the in-place patch
-    (function.py `PatchPlan`) shares.
+    orientation samples `g^T x` with `g^T` as a transposed view. With the
+    operands out of cache, as in training, it was 1.0-1.1x as fast as
+    sampling `x^T g` on the pattern of the transposed weight at one CPU
+    thread and 0.8-1.2x at two (SmolLM2 shapes; benchmarks/train_speed.py
+    `--kernels` times both): kept because the slots' CSR order is then the
+    weight's memory order, which the in-place patch (function.py
+    `PatchPlan`) shares and walks 1.2x faster on the large shapes.
     """
 
     perm: torch.Tensor  # [k] long
