@@ -30,16 +30,21 @@ skipped; the merged model is kept under out/specialist-screen until the table is
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
 import math
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repair_study import append_row  # noqa: E402 (a locked append of one JSON line)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -62,8 +67,10 @@ CANDIDATES = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def make_splits():
-    """eval/specialist/make_splits.py as a module: its `items` and `split` define the benchmark's splits."""
+    """eval/specialist/make_splits.py as a module (loaded once): its `items` and `split` define the benchmark's
+    splits, `training_row` and `write_jsonl` its files."""
     spec = importlib.util.spec_from_file_location("make_splits", SPLITS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -91,8 +98,7 @@ def write_task_yamls(items: dict[str, dict], folder: Path) -> None:
                          if not line.startswith("#"))
     shutil.copy(LOADERS, folder / "loaders.py")
     for name, task in items.items():
-        (folder / f"scr_{name}.jsonl").write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task["test"]), encoding="utf-8")
+        make_splits().write_jsonl(folder / f"scr_{name}.jsonl", task["test"])
         text = (template.replace("task: spec_navigate", f"task: scr_{name}")
                 .replace("jsonl: spec_navigate.jsonl", f"jsonl: scr_{name}.jsonl")
                 .replace("tag: [seft_specialist]", "tag: [seft_specialist_screen]"))
@@ -106,13 +112,8 @@ def config_key(args, items: dict[str, dict]) -> str:
 
 
 def load_rows(path: Path) -> list[dict]:
+    """Every row (repair_study's `load_rows` keeps one per key; here a key has a row per phase and task)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def append_row(row: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 def score_phase(phase: str, model: str, items: dict[str, dict], include: Path, key: str, rows_path: Path,
@@ -146,12 +147,11 @@ def train(args, items: dict[str, dict], key: str) -> Path:
     merged = out / "merged"
     if (merged / "config.json").exists() and (out / "screen-train.json").exists():
         return merged
-    mix = [{"prompt": r["query"], "completion": " " + r["choices"][r["gold"]], "task": n}
-           for n, t in items.items() for r in t["train"]]
+    ms = make_splits()
+    mix = [ms.training_row(r, n) for n, t in items.items() for r in t["train"]]
     random.Random(args.seed).shuffle(mix)
-    WORK.mkdir(parents=True, exist_ok=True)
     data = WORK / f"mix-{key}.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mix), encoding="utf-8")
+    ms.write_jsonl(data, mix)
     recipe = {
         "model": "smollm2-135m", "output": str(out), "overwrite": True,
         "finetune": {"data": str(data), "method": "lora", "seq_len": args.seq_len, "merge": True, "eval_data": None},

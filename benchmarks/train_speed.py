@@ -354,6 +354,8 @@ MEMORY_KEYS = ("peak_rss_gib", "setup_rss_gib", "step_peak_rss_gib_ordinary", "s
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per method: medians over its repeated runs."""
     rows = []
+    # each repeat's ratio to the LoRA run next to it in time: drift of a shared machine cancels
+    lora = {r["repeat"]: r["step_s_ordinary"] for r in runs if r["method"] == "lora"}
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
         row = dict(rs[0])
@@ -363,8 +365,6 @@ def summarize(runs: list[dict]) -> list[dict]:
             row[key] = statistics.median(vals) if vals else None
         row["repeats"] = len(rs)
         row["step_s_ordinary_all"] = [round(r["step_s_ordinary"], 4) for r in rs]
-        # each repeat's ratio to the LoRA run next to it in time: drift of a shared machine cancels
-        lora = {r["repeat"]: r["step_s_ordinary"] for r in runs if r["method"] == "lora"}
         paired = [r["step_s_ordinary"] / lora[r["repeat"]] for r in rs if r.get("repeat") in lora]
         row["paired_vs_lora"] = statistics.median(paired) if paired else None
         row["paired_vs_lora_all"] = [round(x, 3) for x in paired]

@@ -49,6 +49,15 @@ def _grads(layer: SeftLinear, x: torch.Tensor):
     return y.detach(), x.grad, layer.seft_values["default"].grad.clone()
 
 
+def _move_slot(layer: SeftLinear, slot: int) -> torch.Tensor:
+    """Move `slot` to the first free position, in place, as a topology update does; the indices tensor."""
+    with torch.no_grad():
+        idx = layer.seft_indices["default"]
+        taken = set(idx.tolist()) | set(layer.seft_removed["default"].tolist())
+        idx[slot] = next(p for p in range(layer.in_features * layer.out_features) if p not in taken)
+    return idx
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_layer_sparse_equals_dense(dtype, tol):
     dense, sparse = _layer("dense", dtype), _layer("sparse", dtype)
@@ -68,10 +77,7 @@ def test_sampled_grad_is_in_slot_order_after_indices_change():
     x = torch.randn(6, 40)
     first = layer.slot_views("default", x.device, with_delta=False)
     assert layer.slot_views("default", x.device, with_delta=False) is first  # cached
-    with torch.no_grad():  # move slot 3 to a new free position, as a topology update does (in place)
-        idx = layer.seft_indices["default"]
-        taken = set(idx.tolist()) | set(layer.seft_removed["default"].tolist())
-        idx[3] = next(p for p in range(40 * 24) if p not in taken)
+    idx = _move_slot(layer, 3)
     assert layer.slot_views("default", x.device, with_delta=False) is not first
     _, _, gv = _grads(layer, x)
     dense = _layer("dense")
@@ -205,10 +211,8 @@ def test_backward_reads_the_base_again_after_an_edit_since_the_forward():
 def test_patch_plan_is_rebuilt_when_the_topology_changes():
     layer, dense = _layer("sparse"), _layer("dense")
     plan = layer.patch_plan("default", None)
-    with torch.no_grad():  # move slot 3 to a new free position in place, as a topology update does
-        idx = layer.seft_indices["default"]
-        taken = set(idx.tolist()) | set(layer.seft_removed["default"].tolist())
-        idx[3] = next(p for p in range(40 * 24) if p not in taken)
+    idx = _move_slot(layer, 3)
+    with torch.no_grad():
         dense.seft_indices["default"].copy_(idx)
     assert layer.patch_plan("default", None) is not plan
     before = layer.get_base_layer().weight.detach().clone()

@@ -87,6 +87,12 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return rows[:TEST_ITEMS], rows[TEST_ITEMS:TEST_ITEMS + TRAIN_ITEMS]
 
 
+def training_row(item: dict, task: str) -> dict:
+    """A `seft finetune --data` row: the query as prompt, " " + the gold choice as completion (what lm-eval
+    scores after the query, target_delimiter " ")."""
+    return {"prompt": item["query"], "completion": " " + item["choices"][item["gold"]], "task": task}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -114,7 +120,7 @@ def main(root: str) -> None:
             "train": {"file": f"eval/specialist/train/{train_path.name}", "items": len(train),
                       "sha256": write_jsonl(train_path, train)},
         }
-        mix += [{"prompt": r["query"], "completion": " " + r["choices"][r["gold"]], "task": name} for r in train]
+        mix += [training_row(r, name) for r in train]
         print(f"{name}: {len(rows)} usable of {len(task['examples'])}; test {len(test)}, train {len(train)}")
     random.Random(SEED).shuffle(mix)
     manifest["train_mix"] = {"file": "eval/specialist/train_mix.jsonl", "items": len(mix),
