@@ -1,4 +1,4 @@
-"""The specialist benchmark: prune SmolLM2-135M, fine-tune it for 5 BIG-bench tasks, score the test splits.
+"""The specialist benchmark: prune SmolLM2-135M, fine-tune it for BIG-bench tasks, score the test splits.
 
     # 1. the learning-rate grid, seed 0 (base rows of every setting come with it)
     python benchmarks/specialist.py run --settings dense,wanda50,wanda70 \\
@@ -51,6 +51,7 @@ ROWS = RESULTS / "specialist.jsonl"
 WORK = ROOT / "out" / "specialist"
 SUITE = ROOT / "eval" / "specialist.yaml"
 MIX = ROOT / "eval" / "specialist" / "train_mix.jsonl"
+SOURCES = ROOT / "eval" / "specialist" / "SOURCES.json"
 DENSE_MODEL = "smollm2-135m"
 
 SETTINGS: dict[str, dict | None] = {
@@ -88,9 +89,20 @@ def suite_tasks(val: bool = False) -> list[str]:
     return [t.replace("spec_", "spec_val_", 1) for t in tasks] if val else tasks
 
 
+def task_set() -> str:
+    """A short hash of the vendored task set: every test and train split's sha256 and the mixture's.
+
+    Part of every run's key and row, so a rebuilt task set (eval/specialist/make_splits.py) starts a new
+    table: rows scored on other items are never mixed in, nor taken as done."""
+    manifest = json.loads(SOURCES.read_text(encoding="utf-8"))
+    ident = {"mix": manifest["train_mix"]["sha256"],
+             "tasks": {n: [t["test"]["sha256"], t["train"]["sha256"]] for n, t in manifest["tasks"].items()}}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_key(spec: dict) -> str:
     fields = {k: spec[k] for k in ("kind", "setting", "method", "finetune_method", "adapter", "seed", "lr", "steps",
-                                   "batch", "seq_len", "limit", "val_limit", "calib")}
+                                   "batch", "seq_len", "limit", "val_limit", "calib", "task_set")}
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,7 +171,7 @@ def one_run(spec: dict) -> dict:
     """Train (tuned rows) + score one spec; the merged model is deleted, the row keeps what the table needs."""
     t0 = time.perf_counter()
     row = {k: spec[k] for k in ("key", "kind", "setting", "method", "finetune_method", "adapter", "seed", "lr",
-                                "steps", "batch", "seq_len", "limit", "val_limit", "calib")}
+                                "steps", "batch", "seq_len", "limit", "val_limit", "calib", "task_set")}
     model, out = spec["model"], Path(spec["work"]) / "runs" / spec["key"]
     if spec["kind"] == "tuned":
         report = train(spec, out)
@@ -222,9 +234,9 @@ def launch(specs: list[dict], jobs: int, rows: Path, work: Path, threads: int) -
 def best_lr(rows: list[dict], spec: dict) -> float | None:
     """The lr with the highest validation mean accuracy among seed-0 runs like `spec` (same steps, batch...)."""
     same = ("kind", "setting", "method", "finetune_method", "adapter", "steps", "batch", "seq_len", "limit",
-            "val_limit", "calib")
+            "val_limit", "calib", "task_set")
     grid = {r["lr"]: r["val_mean_acc"] for r in rows
-            if r["seed"] == 0 and r.get("val_mean_acc") is not None and all(r[k] == spec[k] for k in same)}
+            if r["seed"] == 0 and r.get("val_mean_acc") is not None and all(r.get(k) == spec[k] for k in same)}
     return max(grid, key=grid.get) if grid else None
 
 
@@ -234,7 +246,7 @@ def plan(args, rows: list[dict]) -> list[dict]:
     specs = []
     common = dict(steps=args.steps, batch=args.batch, seq_len=args.seq_len, limit=args.limit,
                   val_limit=args.val_limit, calib=args.calib, device=args.device, eval_batch=args.eval_batch,
-                  work=str(work))
+                  work=str(work), task_set=task_set())
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
@@ -339,7 +351,12 @@ def main() -> None:
     else:
         from specialist_report import write_report
 
-        write_report(load_rows(args.rows), args.out, note=args.note)
+        current = task_set()
+        rows = load_rows(args.rows)
+        mine = [r for r in rows if r.get("task_set") == current]
+        if len(mine) < len(rows):
+            print(f"{len(rows) - len(mine)} row(s) of another task set left out (this set: {current})")
+        write_report(mine, args.out, note=args.note)
 
 
 if __name__ == "__main__":

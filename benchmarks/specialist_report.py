@@ -16,8 +16,14 @@ SETTING_ORDER = ["dense", "wanda50", "wanda70"]
 METHOD_ORDER = ["none", "lora", "seft", "masked-lora", "lora-reprune", "static"]
 LABELS = {"none": "as is", "lora": "+ LoRA (dense ceiling)", "seft": "+ SEFT", "masked-lora": "+ masked LoRA",
           "lora-reprune": "+ LoRA* (re-pruned)", "static": "+ static slots"}
-CHANCE = {"spec_hyperbaton": 0.5, "spec_wikihow_goal": 0.25, "spec_wikihow_step": 0.25, "spec_sports": 0.5,
-          "spec_navigate": 0.5}
+SOURCES = Path(__file__).resolve().parent.parent / "eval" / "specialist" / "SOURCES.json"
+
+
+def chance() -> dict[str, float]:
+    """Each vendored task's chance accuracy (mean of 1 / choices over its test items), in the suite's order,
+    from eval/specialist/SOURCES.json: make_splits.py writes it with the split, so it cannot go stale."""
+    tasks = json.loads(SOURCES.read_text(encoding="utf-8"))["tasks"]
+    return {f"spec_{name}": t["chance"] for name, t in tasks.items()}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -62,7 +68,7 @@ def _order(order: list[str], name: str) -> int:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    tasks = sorted({t for r in rows for t in r["test"]}, key=lambda t: _order(list(CHANCE), t))
+    tasks = sorted({t for r in rows for t in r["test"]}, key=lambda t: _order(list(chance()), t))
     out = []
     for e in selected(rows):
         runs = e["runs"]
@@ -81,11 +87,12 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def main_table(entries: list[dict]) -> list[str]:
-    tasks = list(CHANCE)
+    levels = chance()
+    tasks = list(levels)
     head = "| model | lr | seeds | " + " | ".join(t.removeprefix("spec_") for t in tasks) + " | mean acc | mean acc_norm |"
     lines = [head, "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|"]
-    lines.append("| chance | | | " + " | ".join(f"{CHANCE[t]:.3f}" for t in tasks)
-                 + f" | {statistics.mean(CHANCE.values()):.3f} | |")
+    lines.append("| chance | | | " + " | ".join(f"{levels[t]:.3f}" for t in tasks)
+                 + f" | {statistics.mean(levels.values()):.3f} | |")
     for e in entries:
         runs = e["_runs"]
         cells = [_fmt([r["test"][t]["acc"] for r in runs if t in r["test"]]) for t in tasks]
@@ -147,9 +154,9 @@ def plot(entries: list[dict], path: Path) -> None:
               for e in entries]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(entries) + 2), 4.2))
     ax.bar(range(len(entries)), means, yerr=errs, color=colors, capsize=3)
-    ax.axhline(statistics.mean(CHANCE.values()), color="k", ls="--", lw=1, label="chance (mean of tasks)")
+    ax.axhline(statistics.mean(chance().values()), color="k", ls="--", lw=1, label="chance (mean of tasks)")
     ax.set_xticks(range(len(entries)), names, fontsize=7)
-    ax.set_ylabel("mean test accuracy (5 BIG-bench tasks)")
+    ax.set_ylabel(f"mean test accuracy ({len(chance())} BIG-bench tasks)")
     ax.set_title("Specialist benchmark: SmolLM2-135M, pruned and repaired")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -166,7 +173,7 @@ def write_report(rows: list[dict], out: Path, note: str = "") -> None:
     md = ["# Specialist benchmark: repair a pruned model for held-out tasks", ""]
     if note:
         md += [note, ""]
-    md += ["Test accuracy (lm-eval `acc`, 0-shot) on the 250-item test splits of 5 BIG-bench tasks "
+    md += [f"Test accuracy (lm-eval `acc`, 0-shot) on the 250-item test splits of {len(chance())} BIG-bench tasks "
            "(eval/specialist.yaml); tuned rows at each method's best lr on the validation items, mean ± std over "
            "seeds. Every repair trains a rank-8 LoRA's parameter count on eval/specialist/train_mix.jsonl.", ""]
     md += main_table(entries) + ["", "## Learning-rate grid (validation mean accuracy, seed 0)", ""]

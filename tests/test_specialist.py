@@ -27,6 +27,15 @@ def test_vendored_files_match_their_recorded_sha256():
         data = (ROOT / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
         assert len(data.splitlines()) == entry["items"], entry["file"]
+    written = {ROOT / MANIFEST["suite"]["file"]: MANIFEST["suite"]["sha256"]}
+    for name, task in MANIFEST["tasks"].items():  # the lm-eval task files make_splits.py writes with the splits
+        written |= {LOCAL_TASKS_DIR / f"spec_{name}.yaml": task["test"]["yaml"],
+                    LOCAL_TASKS_DIR / f"spec_val_{name}.yaml": task["test"]["val_yaml"]}
+    for path, digest in written.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, path
+    vendored = {p.name for p in LOCAL_TASKS_DIR.glob("spec_*")}
+    assert vendored == {f"spec_{n}.{e}" for n in MANIFEST["tasks"] for e in ("jsonl", "yaml")} | \
+        {f"spec_val_{n}.yaml" for n in MANIFEST["tasks"]}, "a specialist file of a task not in SOURCES.json"
 
 
 def test_splits_are_disjoint_and_the_mix_is_the_train_splits():
@@ -143,7 +152,7 @@ def _args(tmp_path, **kw):
 def _fake_row(spec: dict, val: float, acc: float) -> dict:
     tasks = {t: {"acc": acc, "acc_norm": acc, "n": 4} for t in _bench().suite_tasks()}
     return {**{k: spec[k] for k in ("key", "kind", "setting", "method", "finetune_method", "adapter", "seed", "lr",
-                                    "steps", "batch", "seq_len", "limit", "val_limit", "calib")},
+                                    "steps", "batch", "seq_len", "limit", "val_limit", "calib", "task_set")},
             "test": tasks, "mean_acc": acc, "mean_acc_norm": acc, "eval_seconds": {t: 1.0 for t in tasks},
             "val_mean_acc": val if spec["seed"] == 0 else None, "s_per_step": 0.5 if spec["kind"] == "tuned" else None}
 
@@ -178,6 +187,25 @@ def test_benchmark_plan_skips_finished_runs_and_picks_lr_on_validation(tmp_path)
     assert "| dense + LoRA (dense ceiling) | 0.0001 | 3 |" in md and "0.600 ± 0.100" in md
     assert (tmp_path / "out" / "specialist.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "specialist.json").read_text())[1]["method"] == "lora"
+
+
+def test_rows_of_another_task_set_are_neither_done_nor_an_lr_grid(tmp_path, monkeypatch):
+    """Rebuilding the task set (make_splits.py) starts a new table: the old rows do not count as finished runs,
+    and `--lrs best` does not take an lr from a grid scored on other items."""
+    bench = _bench()
+    specs = bench.plan(_args(tmp_path), [])
+    rows = [_fake_row(s, 0.5, 0.5) for s in specs]
+    assert bench.plan(_args(tmp_path), rows) == []
+    manifest = json.loads(bench.SOURCES.read_text())
+    first = next(iter(manifest["tasks"].values()))
+    first["train"]["sha256"] = "0" * 64  # a rebuilt train split
+    rebuilt = tmp_path / "SOURCES.json"
+    rebuilt.write_text(json.dumps(manifest))
+    monkeypatch.setattr(bench, "SOURCES", rebuilt)
+    assert bench.task_set() != rows[0]["task_set"]
+    assert len(bench.plan(_args(tmp_path), rows)) == len(specs)
+    with pytest.raises(SystemExit, match="no seed-0 lr grid of lora on dense"):
+        bench.plan(_args(tmp_path, lrs="best", seeds="1"), rows)
 
 
 def test_specialist_seft_is_the_repair_studys_final_configuration():
