@@ -135,6 +135,9 @@ def prune_setting(name: str, calib: int) -> Path:
 
     out = WORK / f"pruned-{name}-calib{calib}"
     if not (out / "config.json").exists():
+        import torch
+
+        torch.set_num_threads(1)  # the driver prunes while runs may be alive: one thread, as each run has
         cfg = PruneConfig(calibration="wiki", num_samples=calib, seq_len=256, seed=0, **SETTINGS[name]).validate()
         prune_checkpoint("smollm2-135m", out, cfg, overwrite=True, progress=False)
     return out
