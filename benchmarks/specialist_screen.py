@@ -20,7 +20,9 @@ answer (one answer string, or one choice position, always) by more than two bino
 the tuned accuracy against those fixed bars; of the difference against the measured 0-shot accuracy); a
 task the model already solves 0-shot (>= 0.9) is marked saturated. Rows are appended to
 benchmarks/results/specialist_screen.jsonl as each task is scored (resumable: a finished (phase, task) is
-skipped; the merged model is kept under out/specialist-screen until the table is written).
+skipped; the merged model is kept under out/specialist-screen until the table is written). A 0-shot row is
+keyed by its task's items alone and reused by any later screen; a tuned row belongs to its configuration
+(every candidate trained together, the training settings).
 
     pip download bigbench==1.0.0 --no-deps --no-binary :all: -d /tmp/bb
     tar -xzf /tmp/bb/bigbench-1.0.0.tar.gz -C /tmp/bb --wildcards '*/benchmark_tasks/*/task.json' \\
@@ -111,6 +113,26 @@ def config_key(args, items: dict[str, dict]) -> str:
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def base_key(task: dict, n_test: int) -> str:
+    """The key of a task's 0-shot row: its source and test-item count. The dense model's score on a task does
+    not depend on the other candidates or on any training, so a later screen reuses it (a 0-shot eval of a
+    long-prompt task costs up to an hour here)."""
+    return hashlib.sha1(json.dumps({"source": task["sha256"], "test": n_test}).encode()).hexdigest()[:12]
+
+
+def phase_rows(rows: list[dict], items: dict[str, dict], key: str) -> dict[tuple[str, str], dict]:
+    """(phase, task) -> row: tuned rows of this configuration, base rows of these tasks' items."""
+    out = {}
+    for name, task in items.items():
+        n_test = len(task["test"])
+        for r in rows:
+            if r["phase"] == "tuned" and r["key"] == key and r["task"] == name:
+                out[("tuned", name)] = r
+            elif r["phase"] == "base" and r.get("base_key") == base_key(task, n_test):
+                out[("base", name)] = r
+    return out
+
+
 def load_rows(path: Path) -> list[dict]:
     """Every row (repair_study's `load_rows` keeps one per key; here a key has a row per phase and task)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -122,7 +144,7 @@ def score_phase(phase: str, model: str, items: dict[str, dict], include: Path, k
     from seft.eval_tasks import include_paths, task_manager
     from seft.evaluate import load_for_eval, run_lm_eval
 
-    done = {(r["phase"], r["task"]) for r in load_rows(rows_path) if r["key"] == key}
+    done = phase_rows(load_rows(rows_path), items, key)
     todo = [n for n in items if (phase, n) not in done]
     if not todo:
         return
@@ -133,7 +155,8 @@ def score_phase(phase: str, model: str, items: dict[str, dict], include: Path, k
         t0 = time.perf_counter()
         res = run_lm_eval(loaded, [f"scr_{name}"], paths, manager, None, batch_size, 0, 512)
         metrics = res["results"][f"scr_{name}"]
-        append_row({"key": key, "phase": phase, "task": name, "acc": metrics["acc,none"],
+        extra = {"base_key": base_key(items[name], len(items[name]["test"]))} if phase == "base" else {}
+        append_row({"key": key, **extra, "phase": phase, "task": name, "acc": metrics["acc,none"],
                     "acc_norm": metrics["acc_norm,none"], "n": res["n-samples"][f"scr_{name}"]["effective"],
                     "seconds": round(time.perf_counter() - t0, 1)}, rows_path)
         print(f"{phase} {name}: acc {metrics['acc,none']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -178,7 +201,7 @@ def se(p: float, n: int) -> float:
 
 
 def report(args, items: dict[str, dict], key: str, rows_path: Path) -> str:
-    rows = {(r["phase"], r["task"]): r for r in load_rows(rows_path) if r["key"] == key}
+    rows = phase_rows(load_rows(rows_path), items, key)
     train_info = WORK / f"tuned-{key}" / "screen-train.json"
     info = json.loads(train_info.read_text()) if train_info.exists() else {}
     lines = [

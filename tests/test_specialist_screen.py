@@ -46,15 +46,32 @@ def test_screen_task_yamls_load_in_lm_eval(tmp_path):
 
 
 def test_learnable_needs_a_gain_over_zero_shot_chance_and_every_constant_answer(tmp_path):
-    _fake_task(tmp_path, "toy", 600)
-    items = screen.screen_items(tmp_path, {"a": "toy", "b": "toy"}, n_test=150, n_train=10)
+    _fake_task(tmp_path, "toy_a", 600)
+    _fake_task(tmp_path, "toy_b", 601)
+    items = screen.screen_items(tmp_path, {"a": "toy_a", "b": "toy_b"}, n_test=150, n_train=10)
     rows = tmp_path / "rows.jsonl"
     key = "k"
     for task, base, tuned in (("a", 0.30, 0.60), ("b", 0.30, 0.36)):  # chance 1/3: b's gain is inside 2 SE
-        for phase, acc in (("base", base), ("tuned", tuned)):
-            screen.append_row({"key": key, "phase": phase, "task": task, "acc": acc, "acc_norm": acc, "n": 150},
-                              rows)
+        screen.append_row({"key": key, "base_key": screen.base_key(items[task], 150), "phase": "base", "task": task,
+                           "acc": base, "acc_norm": base, "n": 150}, rows)
+        screen.append_row({"key": key, "phase": "tuned", "task": task, "acc": tuned, "acc_norm": tuned, "n": 150},
+                          rows)
     args = argparse.Namespace(steps=1, batch=1, lr=1e-3, seed=0, train_items=10, test_items=150)
     table = {line.split(" | ")[0].strip("| "): line for line in screen.report(args, items, key, rows).splitlines()
              if line.startswith("| a ") or line.startswith("| b ")}
     assert table["a"].endswith("**yes** |") and table["b"].endswith("no |")
+
+
+def test_zero_shot_rows_are_reused_by_a_later_screen_but_tuned_rows_are_not(tmp_path):
+    """A 0-shot score depends on the task's items only: another candidate set (a new key) finds it; a tuned score
+    depends on everything trained together, so it is the configuration's own."""
+    _fake_task(tmp_path, "toy_a", 600)
+    _fake_task(tmp_path, "toy_b", 601)
+    first = screen.screen_items(tmp_path, {"a": "toy_a"}, n_test=150, n_train=10)
+    rows = [{"key": "k1", "base_key": screen.base_key(first["a"], 150), "phase": "base", "task": "a", "acc": 0.3},
+            {"key": "k1", "phase": "tuned", "task": "a", "acc": 0.6}]
+    later = screen.screen_items(tmp_path, {"renamed": "toy_a", "b": "toy_b"}, n_test=150, n_train=10)
+    found = screen.phase_rows(rows, later, "k2")
+    assert found == {("base", "renamed"): rows[0]}
+    fewer = screen.screen_items(tmp_path, {"a": "toy_a"}, n_test=100, n_train=10)  # other test items: not reused
+    assert screen.phase_rows(rows, fewer, "k1") == {("tuned", "a"): rows[1]}
