@@ -27,6 +27,7 @@ TEST_ITEMS are the test split and the next TRAIN_ITEMS the train split. The comp
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -145,13 +146,18 @@ def write_text(path: Path, text: str) -> str:
     return sha256(path)
 
 
-def token_lengths(rows: list[dict]) -> int:
-    """The longest query + " " + choice of `rows` in SmolLM2 tokens (what lm-eval scores, what training sees)."""
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
     from transformers import AutoTokenizer
 
     from seft.models import resolve_model_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+
+
+def token_lengths(rows: list[dict]) -> int:
+    """The longest query + " " + choice of `rows` in SmolLM2 tokens (what lm-eval scores, what training sees)."""
+    tok = _tokenizer()
     return max(len(tok(r["query"] + " " + c)["input_ids"]) for r in rows for c in r["choices"])
 
 
