@@ -124,11 +124,11 @@ def phase_rows(rows: list[dict], items: dict[str, dict], key: str) -> dict[tuple
     """(phase, task) -> row: tuned rows of this configuration, base rows of these tasks' items."""
     out = {}
     for name, task in items.items():
-        n_test = len(task["test"])
+        zero_shot = base_key(task, len(task["test"]))
         for r in rows:
             if r["phase"] == "tuned" and r["key"] == key and r["task"] == name:
                 out[("tuned", name)] = r
-            elif r["phase"] == "base" and r.get("base_key") == base_key(task, n_test):
+            elif r["phase"] == "base" and r.get("base_key") == zero_shot:
                 out[("base", name)] = r
     return out
 

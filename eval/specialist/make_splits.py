@@ -135,15 +135,15 @@ def training_row(item: dict, task: str) -> dict:
     return {"prompt": item["query"], "completion": " " + item["choices"][item["gold"]], "task": task}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return sha256(path)
-
-
 def write_text(path: Path, text: str) -> str:
+    """Write `text` (UTF-8, creating the folder); its sha256 for SOURCES.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return sha256(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 @functools.lru_cache(maxsize=1)
